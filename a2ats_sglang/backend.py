@@ -1,0 +1,198 @@
+"""The ``a2ats`` SGLang attention backend.
+
+Extend (prefill, chunked prefill, mixed batches) is exact dense attention by the
+wrapped dense backend; it also encodes the new keys. Codes are stored per
+physical KV slot ([layers, slots, Hkv] int16), so radix-shared prefixes share
+their codes and nothing needs invalidating: a reused slot is re-encoded when it
+is written. Decode scores every past token through the lookup table, selects
+sinks + window + top-K (GQA union) and attends that set exactly.
+
+Dense backend: torch_native on CPU; triton on CUDA. Layers with a sliding window stay dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from a2ats_sglang import ops
+from a2ats_sglang.codebook import Codebooks, LayerCodebook, ModelShape
+from a2ats_sglang.config import A2ATSConfig
+from a2ats_sglang.retrieval import distance_bounds
+from a2ats_sglang.rope import RopeSpec
+
+logger = logging.getLogger(__name__)
+
+CODEBOOK_FILENAME = "a2ats_codebooks.safetensors"
+
+
+@dataclass
+class DecodeMetadata:
+    """Per decode batch: seq_lens int64 [B]; slots int64 [B, L] physical slot of each
+    position (0 past the end); sparse: False when every request fits its budget."""
+
+    seq_lens: torch.Tensor
+    slots: torch.Tensor
+    sparse: bool
+
+
+def _find_rotary(model, layer_id: int):
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None or layer_id >= len(layers):
+        return None
+    attn = getattr(layers[layer_id], "self_attn", None)
+    return getattr(attn, "rotary_emb", None)
+
+
+def _dense_backend(model_runner):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    name = "triton" if model_runner.device == "cuda" or str(model_runner.device).startswith("cuda") else "torch_native"
+    return ATTENTION_BACKENDS[name](model_runner)
+
+
+def _decode_log_interval() -> int:
+    """SGLang's ``--decode-log-interval`` (the attended share is logged with the same cadence)."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        return max(1, int(get_server_args().decode_log_interval))
+    except Exception:  # no server (unit tests): log every batch
+        return 1
+
+
+class A2ATSAttnBackend(AttentionBackend):
+    def __init__(self, model_runner, config: A2ATSConfig | None = None, dense_backend: AttentionBackend | None = None):
+        super().__init__()
+        self.config = config or A2ATSConfig.from_env()
+        self.device = torch.device(model_runner.device)
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.dense = dense_backend or _dense_backend(model_runner)
+        self.forward_metadata: DecodeMetadata | None = None
+
+        mc = model_runner.model_config
+        path = self.config.codebook or str(Path(mc.model_path) / CODEBOOK_FILENAME)
+        books = Codebooks.load(path)
+        shape = ModelShape.from_hf_config(mc.hf_config)
+        rotary = _find_rotary(model_runner.model, 0)
+        rope = RopeSpec.from_sglang(rotary) if rotary is not None else None
+        books.validate(shape, rope, source=f"codebooks {path}")
+        self.rope = rope or books.rope
+        self.distances = books.distances
+        self.bounds = distance_bounds(books.distances).to(self.device)
+        self.budget = self.config.budget_policy
+
+        tp_rank, tp_size = getattr(model_runner, "tp_rank", 0), getattr(model_runner, "tp_size", 1)
+        hkv_local = max(1, shape.num_kv_heads // tp_size)
+        first = (tp_rank * shape.num_kv_heads) // tp_size if shape.num_kv_heads >= tp_size else tp_rank * shape.num_kv_heads // tp_size
+        heads = slice(first, first + hkv_local)
+        self.layers = {
+            li: LayerCodebook.build(books.centroids[li, heads], books.whiten[li, heads], self.device)
+            for li in range(shape.num_layers)
+        }
+        slots = self.token_to_kv_pool.get_key_buffer(0).shape[0]
+        self.codes = torch.zeros(shape.num_layers, slots, hkv_local, dtype=torch.int16, device=self.device)
+        self.use_triton = self.config.kernel == "triton" or (self.config.kernel == "auto" and self.device.type == "cuda")
+        self._stats = [0, 0, 0]  # decode batches, attended token-heads, context token-heads
+        self.log_interval = _decode_log_interval()
+        logger.info(
+            "a2ats: %s, %d codes, WRoPE distances %s, budget %.3g [%d, %d] + %d sinks + %d window, kernel %s, dense %s",
+            path, books.num_codes, list(books.distances), self.budget.ratio, self.budget.min_tokens,
+            self.budget.max_tokens, self.config.sinks, self.config.window,
+            "triton" if self.use_triton else "torch", type(self.dense).__name__,
+        )
+
+    # -- metadata -----------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        self.dense.init_forward_metadata(forward_batch)
+        if not forward_batch.forward_mode.is_decode():
+            self.forward_metadata = None
+            return
+        seq_lens = forward_batch.seq_lens.to(torch.int64)
+        longest = int(forward_batch.seq_lens_cpu.max()) if forward_batch.batch_size else 0
+        k = self.budget.tokens(forward_batch.seq_lens_cpu.to(torch.int64))
+        fits = bool(((k + self.config.sinks + self.config.window) >= forward_batch.seq_lens_cpu).all())
+        sparse = not fits and longest >= self.config.dense_below
+        slots = None
+        if sparse:
+            rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :longest].to(torch.int64)
+            pos = torch.arange(longest, device=rows.device)
+            slots = torch.where(pos < seq_lens.view(-1, 1), rows, torch.zeros_like(rows))
+        self.forward_metadata = DecodeMetadata(seq_lens, slots, sparse)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return self.dense.get_cuda_graph_seq_len_fill_value()
+
+    # -- layers -------------------------------------------------------------------
+    def _is_sparse_layer(self, layer) -> bool:
+        sw = getattr(layer, "sliding_window_size", None)
+        return layer.layer_id in self.layers and not (sw is not None and sw > -1) and not layer.is_cross_attention
+
+    def _encode(self, layer, k: torch.Tensor, positions: torch.Tensor, loc: torch.Tensor) -> None:
+        """Store the codes of new keys k [T, Hkv*D] (post-RoPE at ``positions``) at slots ``loc``."""
+        k_pre = self.rope.unrotate(k.view(k.shape[0], layer.tp_k_head_num, layer.qk_head_dim), positions.view(-1, 1))
+        self.codes[layer.layer_id, loc] = self.layers[layer.layer_id].encode(k_pre)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        if k is not None and self._is_sparse_layer(layer):
+            self._encode(layer, k, forward_batch.positions, forward_batch.out_cache_loc)
+        return out
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        meta = self.forward_metadata
+        if not self._is_sparse_layer(layer):
+            return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        if k is not None:
+            self._encode(layer, k, forward_batch.positions, forward_batch.out_cache_loc)
+        if not meta.sparse:
+            return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        if save_kv_cache and k is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        b, hq, d = forward_batch.batch_size, layer.tp_q_head_num, layer.qk_head_dim
+        q3 = q.reshape(b, hq, d)
+        lcb = self.layers[layer.layer_id]
+        q_rot = ops.rotated_queries(q3, forward_batch.positions, self.rope, self.distances)
+        lut = ops.lookup_table(q_rot, lcb.centroids, layer.scaling)
+        codes = self.codes[layer.layer_id]
+        scores = ops.approx_scores(lut, codes, meta.slots, meta.seq_lens, self.bounds, self.config.sinks, self.config.window, self.use_triton)
+        positions = ops.select(scores, meta.seq_lens, self.budget, self.config.sinks, self.config.window, layer.tp_k_head_num)
+        slots = ops.positions_to_slots(positions, meta.slots)
+        out, _ = ops.sparse_attention(
+            q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            slots, layer.scaling, float(getattr(layer, "logit_cap", 0.0) or 0.0), self.use_triton,
+        )
+        if layer.layer_id == 0:
+            self._record(positions, meta.seq_lens, layer.tp_k_head_num)
+        return out.reshape(b, hq * layer.v_head_dim)
+
+    def _record(self, positions: torch.Tensor, seq_lens: torch.Tensor, hkv: int) -> None:
+        """Accumulate the share of context attended; log it every ``log_interval`` batches."""
+        self._stats[0] += 1
+        self._stats[1] += int((positions >= 0).sum())
+        self._stats[2] += int(seq_lens.sum()) * hkv
+        if self._stats[0] % self.log_interval == 1 or self.log_interval == 1:
+            logger.info(
+                "a2ats decode: batch %d, context %d tokens (longest %d), attended %.1f%% of context token-heads",
+                len(seq_lens), int(seq_lens.sum()), int(seq_lens.max()), 100.0 * self._stats[1] / max(1, self._stats[2]),
+            )
+
+    def attended_share(self) -> float:
+        """Share of context token-heads attended over all sparse decode batches so far."""
+        return self._stats[1] / max(1, self._stats[2])
+
+    def support_triton(self):
+        return self.dense.support_triton()
+
+
+def create_a2ats_backend(model_runner):
+    """Factory registered as ``--attention-backend a2ats``."""
+    if getattr(model_runner, "use_mla_backend", False):
+        raise ValueError("a2ats: MLA models are not supported (A2ATS needs per-KV-head keys)")
+    return A2ATSAttnBackend(model_runner)

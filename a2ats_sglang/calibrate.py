@@ -1,0 +1,184 @@
+"""Fit query-aware VQ codebooks for a model and write the codebooks file.
+
+    python -m a2ats_sglang.calibrate --model-path DIR [--out FILE] [--text F ...]
+        [--tokens N] [--num-codes C] [--distances 2048 | --num-distances K] ...
+
+Runs the model over calibration text (Wikipedia paragraphs by default, plus random
+UUID strings), captures pre-RoPE keys and queries per layer, rotates the queries
+to the WRoPE distances, and fits one codebook per (layer, KV head) by k-means in
+the space whitened by the queries' second moment. Prints, per layer, the relative
+score error of query-aware VQ next to plain VQ. The paper's setting is
+``--num-codes 4096 --tokens 81920 --doc-tokens 16384 --num-distances 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from a2ats_sglang.capture import load_hf_model, run_documents
+from a2ats_sglang.codebook import Codebooks
+from a2ats_sglang.quantizer import fit_codebooks, score_error
+from a2ats_sglang.retrieval import distance_bounds, wrope_distances
+from a2ats_sglang.rope import RopeSpec
+from a2ats_sglang.texts import calibration_documents
+
+CODEBOOK_FILENAME = "a2ats_codebooks.safetensors"
+
+
+def pair_weights(doc_len: int, distances, sinks: int, window: int) -> torch.Tensor:
+    """How many keys each query position of a document scores at each WRoPE distance.
+
+    -> float32 [doc_len, NB]: keys j with sinks <= j and distance i - j >= window,
+    split by the distance bucket they fall in."""
+    bounds = distance_bounds(distances).tolist()
+    lo = [0.0] + bounds
+    hi = bounds + [float("inf")]
+    i = torch.arange(doc_len, dtype=torch.float64).unsqueeze(1)
+    max_d = i - sinks  # largest distance to a scorable key
+    low = torch.tensor(lo, dtype=torch.float64).clamp_min(window).ceil()
+    high = torch.minimum(torch.tensor(hi, dtype=torch.float64).ceil() - 1, max_d)
+    return (high - low + 1).clamp_min(0).float()
+
+
+def sample_rotated_queries(
+    q_docs: list[torch.Tensor], rope: RopeSpec, distances, sinks: int, window: int, num: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Sample WRoPE-rotated queries as retrieval will see them: query positions and
+    distances drawn in proportion to the keys they score.
+
+    q_docs: per document [Hq, T, D] pre-RoPE -> [Hq, num, D] rotated queries."""
+    w = torch.cat([pair_weights(q.shape[1], distances, sinks, window) for q in q_docs])  # [N, NB]
+    if float(w.sum()) <= 0:
+        raise ValueError(f"calibration documents are too short to have keys beyond the window ({window}) and sinks ({sinks})")
+    q_all = torch.cat(q_docs, dim=1)  # [Hq, N, D]
+    flat = torch.multinomial(w.flatten(), num, replacement=True, generator=gen)
+    tok, bucket = flat // w.shape[1], flat % w.shape[1]
+    dist = torch.tensor(distances, dtype=torch.float32)[bucket]
+    return rope.rotate(q_all[:, tok], dist)
+
+
+def calibrate(
+    model_path: str | Path,
+    out: str | Path | None = None,
+    text_files: list[Path] | None = None,
+    tokens: int = 16384,
+    doc_tokens: int = 2048,
+    uuid_share: float = 0.2,
+    num_codes: int = 512,
+    distances: tuple[int, ...] = wrope_distances(8),
+    sinks: int = 8,
+    window: int = 64,
+    queries_per_head: int = 4096,
+    max_iters: int = 50,
+    tol: float = 1e-4,
+    seed: int = 0,
+    compare_plain: bool = True,
+    log=print,
+) -> tuple[Codebooks, dict]:
+    """Calibrate and (if ``out``) save. Returns the codebooks and a report
+    ``{"qavq": [layer errors], "plain": [layer errors] | None}``."""
+    if num_codes < 2 or num_codes > 32767:
+        raise ValueError(f"num_codes must be in [2, 32767], got {num_codes}")
+    t0 = time.time()
+    model, tok, shape, rope = load_hf_model(model_path)
+    docs = calibration_documents(tok, tokens, doc_tokens, uuid_share, text_files, seed)
+    n_tok = sum(len(d) for d in docs)
+    if n_tok < num_codes:
+        raise ValueError(f"calibration text gives {n_tok} tokens, fewer than {num_codes} codes")
+    log(f"[calibrate] {shape.model_type}: {shape.num_layers} layers, {shape.num_q_heads} q / {shape.num_kv_heads} kv heads, "
+        f"head dim {shape.head_dim}; {n_tok} tokens in {len(docs)} documents; {num_codes} codes; distances {list(distances)}")
+    cap = run_documents(model, docs, progress=lambda i, n: log(f"[calibrate] forward {i}/{n} documents", end="\r") if log is print else None)
+    log(f"\n[calibrate] captured in {time.time() - t0:.0f}s")
+
+    gen = torch.Generator().manual_seed(seed)
+    g = shape.num_q_heads // shape.num_kv_heads
+    keys, queries = [], []
+    for li in range(shape.num_layers):
+        keys.append(torch.cat(cap.k[li], dim=1))  # [Hkv, N, D]
+        qr = sample_rotated_queries(cap.q[li], rope, distances, sinks, window, queries_per_head, gen)  # [Hq, M, D]
+        queries.append(qr.view(shape.num_kv_heads, g * queries_per_head, -1))
+    del cap
+    keys = torch.cat(keys)  # [G, N, D], G = layers * Hkv
+    queries = torch.cat(queries)  # [G, g*M, D]
+
+    def progress(name):
+        return lambda it, inertia: log(f"[calibrate] {name} k-means iter {it + 1}/{max_iters} inertia {inertia:.4g}", end="\r") if log is print else None
+
+    qa = fit_codebooks(keys, queries, num_codes, max_iters=max_iters, tol=tol, seed=seed, progress=progress("query-aware"))
+    log("")
+    from a2ats_sglang.quantizer import assign
+
+    def approx(fit):
+        codes, _ = assign(keys.float() @ fit.whiten, fit.centroids @ fit.whiten)
+        return torch.gather(fit.centroids, 1, codes.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+
+    ev = slice(0, min(512, queries.shape[1]))
+    report = {"qavq": score_error(keys, queries[:, ev], approx(qa)).view(shape.num_layers, -1).mean(1).tolist(), "plain": None}
+    if compare_plain:
+        pv = fit_codebooks(keys, None, num_codes, max_iters=max_iters, tol=tol, seed=seed, progress=progress("plain"))
+        log("")
+        report["plain"] = score_error(keys, queries[:, ev], approx(pv)).view(shape.num_layers, -1).mean(1).tolist()
+    log("[calibrate] relative score error E[(q.(k-k^))^2]/E[(q.k)^2] per layer:")
+    log("  layer  query-aware VQ  plain VQ")
+    for li, e in enumerate(report["qavq"]):
+        p = f"{report['plain'][li]:.4f}" if report["plain"] else "-"
+        log(f"  {li:5d}  {e:14.4f}  {p:>8}")
+    lyr, hkv = shape.num_layers, shape.num_kv_heads
+    books = Codebooks(
+        centroids=qa.centroids.view(lyr, hkv, num_codes, -1),
+        whiten=qa.whiten.view(lyr, hkv, shape.head_dim, shape.head_dim),
+        rope=rope,
+        distances=tuple(distances),
+        shape=shape,
+        info={"tokens": n_tok, "doc_tokens": doc_tokens, "uuid_share": uuid_share, "seed": seed,
+              "sinks": sinks, "window": window, "model_path": str(model_path)},
+    )
+    if out is not None:
+        books.save(out)
+        log(f"[calibrate] wrote {out} in {time.time() - t0:.0f}s total")
+    return books, report
+
+
+def _distances(args) -> tuple[int, ...]:
+    if args.distances:
+        return tuple(sorted({int(x) for x in args.distances.split(",")}))
+    return wrope_distances(args.num_distances)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--out", type=Path, help=f"codebooks file (default: MODEL/{CODEBOOK_FILENAME})")
+    p.add_argument("--text", type=Path, nargs="*", help="calibration text files (default: Wikipedia paragraphs)")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (paper: 81920)")
+    p.add_argument("--doc-tokens", type=int, default=2048, help="tokens per document (paper: 16384)")
+    p.add_argument("--uuid-share", type=float, default=0.2, help="share of random-UUID text (paper: 0.2)")
+    p.add_argument("--num-codes", type=int, default=512, help="codes per (layer, KV head) (paper: 4096)")
+    p.add_argument("--num-distances", type=int, default=8, help="WRoPE distances, log-spaced 96..12288 (1 = paper's b=2048)")
+    p.add_argument("--distances", help="explicit comma-separated WRoPE distances (overrides --num-distances)")
+    p.add_argument("--sinks", type=int, default=8)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--queries-per-head", type=int, default=4096)
+    p.add_argument("--max-iters", type=int, default=50, help="Lloyd iterations (paper: 300)")
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compare-plain", action="store_true", help="skip fitting plain VQ for the error table")
+    args = p.parse_args(argv)
+    out = args.out or Path(args.model_path) / CODEBOOK_FILENAME
+    try:
+        calibrate(
+            args.model_path, out, args.text, args.tokens, args.doc_tokens, args.uuid_share, args.num_codes,
+            _distances(args), args.sinks, args.window, args.queries_per_head, args.max_iters, args.tol, args.seed,
+            not args.no_compare_plain,
+        )
+    except ValueError as e:
+        sys.exit(f"calibrate: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

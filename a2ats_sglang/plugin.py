@@ -1,0 +1,27 @@
+"""SGLang general plugin (entry point ``sglang.srt.plugins: a2ats``).
+
+SGLang runs :func:`register` in every process it starts (launcher, schedulers,
+detokenizer): it adds ``a2ats`` to ``--attention-backend``, registers the
+backend factory, and installs the hooks of :mod:`a2ats_sglang.patches.hooks`.
+"""
+
+from __future__ import annotations
+
+BACKEND_NAME = "a2ats"
+
+
+def register() -> None:
+    from sglang.srt.arg_groups.choices import add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    from a2ats_sglang.patches import hooks
+
+    add_attention_backend_choices([BACKEND_NAME])
+
+    @register_attention_backend(BACKEND_NAME)
+    def create(model_runner):
+        from a2ats_sglang.backend import create_a2ats_backend
+
+        return create_a2ats_backend(model_runner)
+
+    hooks.install()

@@ -1,0 +1,143 @@
+"""Retrieval at a decode step (A2ATS section 3, with multi-scale WRoPE of section 5).
+
+Shapes: B requests, Hq query heads, Hkv KV heads (group g = Hq / Hkv), NB WRoPE
+distances, C codes, L = longest context in the batch. Positions are logical
+(0 .. seq_len-1); the decode token is at seq_len-1 and its KV is already stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from a2ats_sglang.rope import RopeSpec
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many tokens each query head retrieves: ``clamp(ratio * seq_len, min_tokens, max_tokens)``.
+
+    Sinks and the window come on top. A request whose sinks + window + budget cover
+    the whole sequence attends everything (the result equals dense attention)."""
+
+    ratio: float = 0.03
+    min_tokens: int = 32
+    max_tokens: int = 1 << 30
+
+    def __post_init__(self):
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"budget ratio must be in (0, 1], got {self.ratio}")
+        if self.min_tokens < 0 or self.max_tokens < max(1, self.min_tokens):
+            raise ValueError(f"need 0 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
+
+    def tokens(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        """seq_lens: int [B] -> per-request top-K (int64 [B])."""
+        k = torch.ceil(seq_lens.double() * self.ratio).long()
+        return k.clamp(self.min_tokens, self.max_tokens)
+
+
+PAPER_B = 2048
+MULTISCALE_RANGE = (96, 12288)
+
+
+def wrope_distances(num: int, lo: int = MULTISCALE_RANGE[0], hi: int = MULTISCALE_RANGE[1], b: int = PAPER_B) -> tuple[int, ...]:
+    """WRoPE query distances: ``(b,)`` for one (the paper), else ``num`` log-spaced from lo to hi."""
+    if num < 1:
+        raise ValueError(f"need at least one WRoPE distance, got {num}")
+    if num == 1:
+        return (int(b),)
+    r = (hi / lo) ** (1.0 / (num - 1))
+    return tuple(int(round(lo * r**i)) for i in range(num))
+
+
+def distance_bounds(distances: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Upper bounds (exclusive, float32 [NB-1]) of each distance bucket: geometric
+    midpoints, so a token uses the WRoPE distance nearest its own in log scale."""
+    d = list(distances)
+    return torch.tensor([math.sqrt(a * b) for a, b in zip(d[:-1], d[1:])], dtype=torch.float32)
+
+
+def bucket_of(dist: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """dist: int [...] distances -> bucket index int64 [...] (0 for one distance)."""
+    if bounds.numel() == 0:
+        return torch.zeros_like(dist, dtype=torch.long)
+    return torch.bucketize(dist.float(), bounds.to(dist.device), right=True)
+
+
+def rotated_queries(q_post: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, distances) -> torch.Tensor:
+    """WRoPE queries. q_post: [B, Hq, D] after RoPE at ``positions`` [B] ->
+    [B, Hq, NB, D] float32, each = RoPE(q_pre, distance)."""
+    q_pre = rope.unrotate(q_post.float(), positions.view(-1, 1))
+    dist = torch.as_tensor(distances, dtype=torch.float32, device=q_post.device)
+    return rope.rotate(q_pre.unsqueeze(2).expand(-1, -1, dist.numel(), -1), dist)
+
+
+def lookup_table(q_rot: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
+    """LUT[b, h, n, c] = scale * q_rot[b, h, n] . centroid[kv(h), c].
+
+    q_rot: [B, Hq, NB, D]; centroids: [Hkv, C, D] -> float32 [B, Hq, NB, C]."""
+    b, hq, nb, d = q_rot.shape
+    hkv = centroids.shape[0]
+    q = q_rot.float().view(b, hkv, hq // hkv, nb, d)
+    lut = torch.einsum("bkgnd,kcd->bkgnc", q, centroids.float()) * scale
+    return lut.reshape(b, hq, nb, -1)
+
+
+def approx_scores(
+    lut: torch.Tensor, codes: torch.Tensor, seq_lens: torch.Tensor, bounds: torch.Tensor, sinks: int, window: int
+) -> torch.Tensor:
+    """Approximate scores of every scorable token (torch reference of the Triton kernel).
+
+    lut: [B, Hq, NB, C]; codes: int [B, Hkv, L] codes of each request's tokens in
+    position order; seq_lens: [B]. -> float32 [B, Hq, L], -inf for sinks, window and
+    positions past the sequence."""
+    b, hq, nb, c = lut.shape
+    hkv, length = codes.shape[1], codes.shape[2]
+    g = hq // hkv
+    pos = torch.arange(length, device=codes.device)
+    dist = (seq_lens.view(-1, 1) - 1 - pos).clamp_min(0)  # [B, L]
+    flat = bucket_of(dist, bounds) * c  # [B, L]
+    idx = (codes.long() + flat.unsqueeze(1)).repeat_interleave(g, dim=1)  # [B, Hq, L]
+    s = lut.reshape(b, hq, nb * c).gather(2, idx)
+    scorable = (pos >= sinks) & (pos < seq_lens.view(-1, 1) - window)
+    return s.masked_fill(~scorable.unsqueeze(1), float("-inf"))
+
+
+def select(
+    scores: torch.Tensor, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, num_kv_heads: int
+) -> torch.Tensor:
+    """Selected positions per KV head: top-K of each query head, union over its GQA
+    group, plus sinks and window; everything when that covers the sequence.
+
+    scores: [B, Hq, L] (from :func:`approx_scores`) -> int64 [B, Hkv, S], ascending
+    positions, padded with -1. S is the largest selection in the batch."""
+    b, hq, length = scores.shape
+    g = hq // num_kv_heads
+    device = scores.device
+    pos = torch.arange(length, device=device)
+    lens = seq_lens.view(-1, 1).to(device)
+    k = budget.tokens(seq_lens).to(device)  # [B]
+    dense = (k + sinks + window) >= seq_lens.to(device)  # [B]
+    keep = ((pos < sinks) | (pos >= lens - window)) & (pos < lens)  # [B, L]
+    keep = keep | (dense.view(-1, 1) & (pos < lens))
+    mask = keep.unsqueeze(1).expand(-1, num_kv_heads, -1).clone()  # [B, Hkv, L]
+    kmax = int(min(k.max().item(), length)) if b else 0
+    if kmax > 0:
+        val, idx = scores.topk(kmax, dim=-1)  # [B, Hq, kmax]
+        ok = (val > float("-inf")) & (torch.arange(kmax, device=device) < k.view(-1, 1, 1))
+        hit = torch.zeros(b, hq, length, dtype=torch.bool, device=device)
+        hit.scatter_(2, idx, ok)
+        mask |= hit.view(b, num_kv_heads, g, length).any(2)
+    return mask_to_positions(mask)
+
+
+def mask_to_positions(mask: torch.Tensor) -> torch.Tensor:
+    """bool [..., L] -> int64 [..., S] ascending set positions, -1 padded (S = max count)."""
+    length = mask.shape[-1]
+    s = int(mask.sum(-1).max().item()) if mask.numel() else 0
+    pos = torch.arange(length, device=mask.device).expand_as(mask)
+    keyed = torch.where(mask, pos, torch.full_like(pos, length))
+    out = keyed.sort(-1).values[..., :s]
+    return out.masked_fill(out == length, -1)

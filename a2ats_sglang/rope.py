@@ -1,0 +1,106 @@
+"""Windowed RoPE: rotary embedding as an explicit rotation, so keys can be
+un-rotated to position-free form and queries rotated to a fixed distance.
+
+All rotary variants whose angle is linear in position (default, linear,
+llama3, yarn, partial rotary, neox or interleaved pairing) reduce to
+``angle(p) = p * inv_freq`` plus a magnitude scale ``mscale``; that is what a
+:class:`RopeSpec` holds. It is read from the model itself (SGLang's rotary
+module in the server, the Hugging Face module at calibration), never assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding of one attention layer.
+
+    inv_freq: float32 [rotary_dim // 2], angle per position of each rotated pair.
+    head_dim: full head dim D (dims past ``rotary_dim`` pass through).
+    neox: True for rotate-half pairing (i, i + rotary_dim/2), False for (2i, 2i+1).
+    mscale: magnitude factor folded into cos/sin (yarn), 1.0 otherwise.
+    """
+
+    inv_freq: torch.Tensor
+    head_dim: int
+    neox: bool = True
+    mscale: float = 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
+
+    def __post_init__(self):
+        if self.inv_freq.dim() != 1 or self.rotary_dim > self.head_dim:
+            raise ValueError(
+                f"rotary dim {self.rotary_dim} does not fit head dim {self.head_dim}"
+            )
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor | float) -> torch.Tensor:
+        """RoPE(x, pos). x: [..., D] any float dtype; pos broadcasts to x.shape[:-1]
+        (int or float, may be negative). Computed in float32, returned in x.dtype."""
+        pos = torch.as_tensor(pos, dtype=torch.float32, device=x.device)
+        ang = pos.unsqueeze(-1) * self.inv_freq.to(x.device)
+        cos, sin = ang.cos() * self.mscale, ang.sin() * self.mscale
+        xf = x.float()
+        rd = self.rotary_dim
+        rot, rest = xf[..., :rd], xf[..., rd:]
+        if self.neox:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        return torch.cat((out, rest), dim=-1).to(x.dtype)
+
+    def unrotate(self, x: torch.Tensor, pos: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of :meth:`rotate`: recovers pre-RoPE vectors from post-RoPE ones."""
+        pos = torch.as_tensor(pos, dtype=torch.float32, device=x.device)
+        out = self.rotate(x.float(), -pos) / (self.mscale**2)
+        rd = self.rotary_dim
+        out[..., rd:] = x[..., rd:].float()
+        return out.to(x.dtype)
+
+    def describe(self) -> dict:
+        return {"head_dim": self.head_dim, "rotary_dim": self.rotary_dim, "neox": self.neox, "mscale": self.mscale}
+
+    def check_matches(self, other: "RopeSpec", what: str) -> None:
+        """Raise ValueError naming the difference if ``other`` is a different rotary embedding."""
+        if self.describe() != other.describe():
+            raise ValueError(f"{what}: rotary embedding differs: {self.describe()} vs {other.describe()}")
+        if not torch.allclose(self.inv_freq.float().cpu(), other.inv_freq.float().cpu(), rtol=1e-4, atol=1e-7):
+            raise ValueError(f"{what}: rotary frequencies differ (rope theta or scaling)")
+
+    @classmethod
+    def from_cos_sin_cache(cls, cache: torch.Tensor, head_dim: int, neox: bool) -> "RopeSpec":
+        """From SGLang's ``cos_sin_cache`` [max_pos, rotary_dim] (cos half, sin half).
+
+        Raises ValueError if the angles are not linear in position (e.g. dynamic NTK)."""
+        cache = cache.double()
+        cos, sin = cache.chunk(2, dim=-1)
+        mscale = float(cos[0].mean())
+        inv_freq = torch.atan2(sin[1], cos[1])
+        n = cache.shape[0]
+        pos = torch.tensor([n // 3, n - 1], dtype=torch.float64)
+        ang = pos[:, None] * inv_freq
+        if not (
+            torch.allclose(ang.cos() * mscale, cos[pos.long()], atol=2e-3)
+            and torch.allclose(ang.sin() * mscale, sin[pos.long()], atol=2e-3)
+        ):
+            raise ValueError("rotary embedding is not linear in position; A2ATS cannot un-rotate its keys")
+        return cls(inv_freq.float(), head_dim, neox, mscale)
+
+    @classmethod
+    def from_sglang(cls, rotary_emb) -> "RopeSpec":
+        """From an SGLang ``RotaryEmbedding`` module; rebuilt in float32 for precision."""
+        cache = rotary_emb._compute_cos_sin_cache().float()
+        return cls.from_cos_sin_cache(cache, rotary_emb.head_size, bool(rotary_emb.is_neox_style))
+
+    @classmethod
+    def from_hf(cls, rotary_emb, head_dim: int) -> "RopeSpec":
+        """From a Hugging Face ``*RotaryEmbedding`` (rotate-half models: Llama, Qwen2, Mistral...)."""
+        return cls(rotary_emb.inv_freq.detach().float().cpu(), head_dim, True, float(rotary_emb.attention_scaling))

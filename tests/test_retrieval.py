@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from a2ats_sglang.retrieval import (
+    Budget,
+    approx_scores,
+    bucket_of,
+    distance_bounds,
+    lookup_table,
+    mask_to_positions,
+    select,
+    wrope_distances,
+)
+
+
+def test_budget_policy_and_validation():
+    b = Budget(0.03, 10, 100)
+    assert b.tokens(torch.tensor([100, 1000, 10000])).tolist() == [10, 30, 100]
+    for bad in [(0.0, 1, 2), (1.5, 1, 2), (0.1, 5, 2), (0.1, -1, 2)]:
+        with pytest.raises(ValueError):
+            Budget(*bad)
+
+
+def test_wrope_distances_and_buckets():
+    assert wrope_distances(1) == (2048,)
+    d = wrope_distances(8)
+    assert d[0] == 96 and d[-1] == 12288 and len(d) == 8
+    bounds = distance_bounds(d)
+    dist = torch.tensor([0, 96, 135, 136, 200, 100000])
+    got = bucket_of(dist, bounds).tolist()
+    want = [min(range(8), key=lambda i: (round(abs(math.log(max(x, 1) / d[i])), 9), -i)) for x in dist.tolist()]
+    assert got == want
+
+
+def brute_scores(lut, codes, seq_lens, distances, sinks, window):
+    b, hq, nb, c = lut.shape
+    hkv, length = codes.shape[1:]
+    g = hq // hkv
+    out = torch.full((b, hq, length), float("-inf"))
+    for bi in range(b):
+        n = int(seq_lens[bi])
+        for h in range(hq):
+            for j in range(sinks, n - window):
+                dist = n - 1 - j
+                nb_i = min(range(nb), key=lambda i: (round(abs(math.log(max(dist, 1) / distances[i])), 9), -i))  # ties: larger
+                out[bi, h, j] = lut[bi, h, nb_i, codes[bi, h // g, j]]
+    return out
+
+
+def test_approx_scores_match_brute_force_with_buckets():
+    distances = (4, 16, 64)
+    b, hq, hkv, c, length = 2, 4, 2, 8, 90
+    lut = torch.randn(b, hq, 3, c)
+    codes = torch.randint(0, c, (b, hkv, length), dtype=torch.int16)
+    seq_lens = torch.tensor([90, 41])
+    got = approx_scores(lut, codes, seq_lens, distance_bounds(distances), 2, 3)
+    torch.testing.assert_close(got, brute_scores(lut, codes, seq_lens, distances, 2, 3))
+
+
+def test_lookup_table_uses_each_heads_kv_group():
+    q = torch.randn(1, 4, 2, 8)
+    cents = torch.randn(2, 5, 8)
+    lut = lookup_table(q, cents, 0.5)
+    assert lut.shape == (1, 4, 2, 5)
+    torch.testing.assert_close(lut[0, 3, 1], 0.5 * cents[1] @ q[0, 3, 1])
+    torch.testing.assert_close(lut[0, 0, 0], 0.5 * cents[0] @ q[0, 0, 0])
+
+
+def test_select_union_sinks_window_and_padding():
+    b, hq, hkv, length = 2, 4, 2, 200
+    scores = torch.randn(b, hq, length)
+    seq_lens = torch.tensor([200, 150])
+    sinks, window = 4, 8
+    pos = torch.arange(length)
+    scorable = (pos >= sinks) & (pos < seq_lens.view(-1, 1) - window)
+    scores = scores.masked_fill(~scorable.unsqueeze(1), float("-inf"))
+    budget = Budget(0.05, 1, 1000)
+    got = select(scores, seq_lens, budget, sinks, window, hkv)
+    for bi in range(b):
+        n = int(seq_lens[bi])
+        k = math.ceil(n * 0.05)
+        for kv in range(hkv):
+            want = set(range(sinks)) | set(range(n - window, n))
+            for h in range(kv * 2, kv * 2 + 2):
+                want |= set(scores[bi, h, :n].topk(k).indices.tolist())
+            row = got[bi, kv]
+            assert sorted(want) == row[row >= 0].tolist()
+            assert (row[len(want):] == -1).all()
+
+
+def test_budget_covering_the_sequence_selects_everything():
+    scores = torch.randn(1, 2, 50)
+    got = select(scores, torch.tensor([50]), Budget(0.9, 1, 1000), 2, 4, 1)
+    assert got[0, 0].tolist() == list(range(50))
+
+
+def test_mask_to_positions():
+    m = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    assert mask_to_positions(m).tolist() == [[0, 2], [3, -1]]
