@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from a2ats_sglang import ops
-from a2ats_sglang.codebook import Codebooks, LayerCodebook, ModelShape
+from a2ats_sglang.codebook import Codebooks, LayerCodebook, ModelShape, default_codebook_path
 from a2ats_sglang.config import A2ATSConfig
 from a2ats_sglang.retrieval import distance_bounds
 from a2ats_sglang.rope import RopeSpec
 
 logger = logging.getLogger(__name__)
-
-CODEBOOK_FILENAME = "a2ats_codebooks.safetensors"
 
 
 @dataclass
@@ -77,9 +73,12 @@ class A2ATSAttnBackend(AttentionBackend):
         self.forward_metadata: DecodeMetadata | None = None
 
         mc = model_runner.model_config
-        path = self.config.codebook or str(Path(mc.model_path) / CODEBOOK_FILENAME)
+        if not self.config.codebook and not getattr(mc, "model_path", None):
+            raise ValueError("a2ats: no codebooks file given (--a2ats-codebook or SGLANG_A2ATS_CODEBOOK)")
+        path = self.config.codebook or str(default_codebook_path(mc.model_path))
         books = Codebooks.load(path)
-        shape = ModelShape.from_hf_config(mc.hf_config)
+        hf = getattr(mc, "hf_text_config", None) or mc.hf_config
+        shape = ModelShape.from_hf_config(hf, num_layers=getattr(self.token_to_kv_pool, "layer_num", None))
         rotary = _find_rotary(model_runner.model, 0)
         rope = RopeSpec.from_sglang(rotary) if rotary is not None else None
         books.validate(shape, rope, source=f"codebooks {path}")
@@ -173,14 +172,16 @@ class A2ATSAttnBackend(AttentionBackend):
         return out.reshape(b, hq * layer.v_head_dim)
 
     def _record(self, positions: torch.Tensor, seq_lens: torch.Tensor, hkv: int) -> None:
-        """Accumulate the share of context attended; log it every ``log_interval`` batches."""
+        """Count the share of context attended (layer 0); log it every ``log_interval`` batches."""
+        attended, context = int((positions >= 0).sum()), int(seq_lens.sum()) * hkv
         self._stats[0] += 1
-        self._stats[1] += int((positions >= 0).sum())
-        self._stats[2] += int(seq_lens.sum()) * hkv
-        if self._stats[0] % self.log_interval == 1 or self.log_interval == 1:
+        self._stats[1] += attended
+        self._stats[2] += context
+        if self._stats[0] % self.log_interval == 0:
             logger.info(
-                "a2ats decode: batch %d, context %d tokens (longest %d), attended %.1f%% of context token-heads",
-                len(seq_lens), int(seq_lens.sum()), int(seq_lens.max()), 100.0 * self._stats[1] / max(1, self._stats[2]),
+                "a2ats decode batch: #req %d, context %d tokens (longest %d), attended %.1f%% of context (%.1f%% since start)",
+                len(seq_lens), int(seq_lens.sum()), int(seq_lens.max()), 100.0 * attended / max(1, context),
+                100.0 * self.attended_share(),
             )
 
     def attended_share(self) -> float:

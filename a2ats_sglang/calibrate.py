@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 
 from a2ats_sglang.capture import load_hf_model, run_documents
-from a2ats_sglang.codebook import Codebooks
+from a2ats_sglang.codebook import DEFAULT_RELPATH, Codebooks, default_codebook_path
 from a2ats_sglang.quantizer import fit_codebooks, score_error
 from a2ats_sglang.retrieval import distance_bounds, wrope_distances
 from a2ats_sglang.rope import RopeSpec
 from a2ats_sglang.texts import calibration_documents
-
-CODEBOOK_FILENAME = "a2ats_codebooks.safetensors"
 
 
 def pair_weights(doc_len: int, distances, sinks: int, window: int) -> torch.Tensor:
@@ -153,7 +151,7 @@ def _distances(args) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", required=True)
-    p.add_argument("--out", type=Path, help=f"codebooks file (default: MODEL/{CODEBOOK_FILENAME})")
+    p.add_argument("--out", type=Path, help=f"codebooks file (default: MODEL/{DEFAULT_RELPATH})")
     p.add_argument("--text", type=Path, nargs="*", help="calibration text files (default: Wikipedia paragraphs)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (paper: 81920)")
     p.add_argument("--doc-tokens", type=int, default=2048, help="tokens per document (paper: 16384)")
@@ -169,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compare-plain", action="store_true", help="skip fitting plain VQ for the error table")
     args = p.parse_args(argv)
-    out = args.out or Path(args.model_path) / CODEBOOK_FILENAME
+    out = args.out or default_codebook_path(args.model_path)
     try:
         calibrate(
             args.model_path, out, args.text, args.tokens, args.doc_tokens, args.uuid_share, args.num_codes,

@@ -19,6 +19,13 @@ from a2ats_sglang.rope import RopeSpec
 
 FORMAT = "a2ats-codebooks"
 VERSION = 1
+# A subfolder: SGLang loads every *.safetensors at the top of a model directory as weights.
+DEFAULT_RELPATH = Path("a2ats") / "codebooks.safetensors"
+
+
+def default_codebook_path(model_path: str | Path) -> Path:
+    """Where calibration writes, and the backend looks, by default: MODEL_PATH/a2ats/codebooks.safetensors."""
+    return Path(model_path) / DEFAULT_RELPATH
 
 
 @dataclass(frozen=True)
@@ -32,13 +39,14 @@ class ModelShape:
     head_dim: int
 
     @classmethod
-    def from_hf_config(cls, cfg) -> "ModelShape":
+    def from_hf_config(cls, cfg, num_layers: int | None = None) -> "ModelShape":
+        """``num_layers`` stands in where the config has no ``num_hidden_layers``."""
         cfg = getattr(cfg, "text_config", None) or cfg
         q_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
         return cls(
-            model_type=str(cfg.model_type),
-            num_layers=int(cfg.num_hidden_layers),
+            model_type=str(getattr(cfg, "model_type", "unknown")),
+            num_layers=int(getattr(cfg, "num_hidden_layers", None) or num_layers),
             num_q_heads=int(q_heads),
             num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or q_heads),
             head_dim=int(head_dim),

@@ -30,7 +30,7 @@ class A2ATSConfig:
     kernel: str = "auto"
 
     HELP = {
-        "codebook": "codebooks file (default: MODEL_PATH/a2ats_codebooks.safetensors); build with python -m a2ats_sglang.calibrate",
+        "codebook": "codebooks file (default: MODEL_PATH/a2ats/codebooks.safetensors); build with python -m a2ats_sglang.calibrate",
         "budget": "share of each request's context every query head retrieves, in (0, 1] (paper: 0.03)",
         "min_tokens": "retrieve at least this many tokens per query head",
         "max_tokens": "retrieve at most this many tokens per query head",

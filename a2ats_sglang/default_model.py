@@ -57,7 +57,9 @@ def build_default_model(out_dir: Path | None = None, force: bool = False) -> Pat
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
-    config.torch_dtype = "float32"
+    config.dtype = "float32"
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: a plain float model
+        del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     tmp = out_dir.with_name(out_dir.name + ".tmp")

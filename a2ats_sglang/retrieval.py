@@ -108,8 +108,9 @@ def approx_scores(
 def select(
     scores: torch.Tensor, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, num_kv_heads: int
 ) -> torch.Tensor:
-    """Selected positions per KV head: top-K of each query head, union over its GQA
-    group, plus sinks and window; everything when that covers the sequence.
+    """Selected positions per KV head: top-K of each query head (ties to the earlier
+    position), union over its GQA group, plus sinks and window; everything when
+    that covers the sequence.
 
     scores: [B, Hq, L] (from :func:`approx_scores`) -> int64 [B, Hkv, S], ascending
     positions, padded with -1. S is the largest selection in the batch."""
@@ -125,7 +126,10 @@ def select(
     mask = keep.unsqueeze(1).expand(-1, num_kv_heads, -1).clone()  # [B, Hkv, L]
     kmax = int(min(k.max().item(), length)) if b else 0
     if kmax > 0:
-        val, idx = scores.topk(kmax, dim=-1)  # [B, Hq, kmax]
+        # Stable order: ties (tokens sharing a code) go to the earliest position, so a
+        # request selects the same tokens whatever else is in its batch.
+        idx = scores.argsort(dim=-1, descending=True, stable=True)[..., :kmax]  # [B, Hq, kmax]
+        val = scores.gather(-1, idx)
         ok = (val > float("-inf")) & (torch.arange(kmax, device=device) < k.view(-1, 1, 1))
         hit = torch.zeros(b, hq, length, dtype=torch.bool, device=device)
         hit.scatter_(2, idx, ok)

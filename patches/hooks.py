@@ -30,7 +30,7 @@ def _add_cli_args(result, parser, *args, **kwargs):
 def _from_cli_args(*args, **kwargs):
     from pathlib import Path
 
-    from a2ats_sglang.backend import CODEBOOK_FILENAME
+    from a2ats_sglang.codebook import default_codebook_path
     from a2ats_sglang.config import A2ATSConfig
 
     ns = args[-1] if args else kwargs["args"]
@@ -39,7 +39,7 @@ def _from_cli_args(*args, **kwargs):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if getattr(ns, "attention_backend", None) == "a2ats" or getattr(ns, "decode_attention_backend", None) == "a2ats":
-        path = Path(cfg.codebook) if cfg.codebook else Path(ns.model_path) / CODEBOOK_FILENAME
+        path = Path(cfg.codebook) if cfg.codebook else default_codebook_path(ns.model_path)
         if Path(ns.model_path).is_dir() and not path.is_file():
             raise SystemExit(
                 f"error: a2ats: codebooks file not found: {path}\n"

@@ -1,0 +1,132 @@
+"""The backend inside SGLang's own attention test kit (real ReqToTokenPool /
+MHATokenToKVPool, backends looked up by registry name), and direct decode
+batches checked against a reference selection computed independently."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_codebooks
+
+from a2ats_sglang.plugin import register
+
+register()
+
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # noqa: E402
+from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit  # noqa: E402
+
+from a2ats_sglang import retrieval  # noqa: E402
+from a2ats_sglang.codebook import CodebookMismatch  # noqa: E402
+from a2ats_sglang.quantizer import assign  # noqa: E402
+
+HEAD_DIM = 16
+
+
+class _TC:
+    def skipTest(self, msg):
+        pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # the kit fills pools in place, as inference does
+        yield
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    def set_books(num_q, num_kv, **cfg):
+        books = make_codebooks(1, num_q, num_kv, HEAD_DIM)
+        path = tmp_path / f"cb_{num_q}_{num_kv}.safetensors"
+        books.save(path)
+        monkeypatch.setenv("SGLANG_A2ATS_CODEBOOK", str(path))
+        for k, v in cfg.items():
+            monkeypatch.setenv("SGLANG_A2ATS_" + k.upper(), str(v))
+        return books
+
+    return set_books
+
+
+@pytest.mark.parametrize("case", kit.make_dense_cases("a2ats"), ids=lambda c: c.name)
+def test_sglang_kit_dense_cases(env, case):
+    """Short sequences fit the budget: a2ats must equal dense attention, on every kit layout."""
+    env(case.num_heads, case.num_kv_heads)
+    kit.run_dense_attention_case(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
+
+
+def reference_decode(books, fixture, q, sinks, window, budget):
+    """Independent reference: codes by brute-force nearest centroid, LUT scores,
+    selection, exact softmax over the selected positions."""
+    runner, fb, layer = fixture.runner, fixture.forward_batch, fixture.actual_module.attn
+    kbuf = runner.token_to_kv_pool.get_key_buffer(0)
+    vbuf = runner.token_to_kv_pool.get_value_buffer(0)
+    hq, hkv = layer.tp_q_head_num, layer.tp_k_head_num
+    g = hq // hkv
+    L, cents = books.whiten[0], books.centroids[0]
+    outs, attended = [], 0
+    for b in range(fb.batch_size):
+        n = int(fb.seq_lens_cpu[b])
+        slots = runner.req_to_token_pool.req_to_token[b, :n].long()
+        k_post, v = kbuf[slots].float(), vbuf[slots].float()  # [n, Hkv, D]
+        k_pre = books.rope.unrotate(k_post, torch.arange(n).view(-1, 1))
+        codes, _ = assign(k_pre.transpose(0, 1) @ L, cents @ L)  # [Hkv, n]
+        qb = q[b].view(1, hq, HEAD_DIM)
+        q_rot = retrieval.rotated_queries(qb, torch.tensor([n - 1]), books.rope, books.distances)
+        lut = retrieval.lookup_table(q_rot, cents, layer.scaling)
+        scores = retrieval.approx_scores(lut, codes[None], torch.tensor([n]), retrieval.distance_bounds(books.distances), sinks, window)
+        sel = retrieval.select(scores, torch.tensor([n]), budget, sinks, window, hkv)[0]  # [Hkv, S]
+        out = torch.empty(hq, HEAD_DIM)
+        for h in range(hq):
+            pos = sel[h // g][sel[h // g] >= 0]
+            logits = (k_post[pos, h // g] @ qb[0, h].float()) * layer.scaling
+            out[h] = logits.softmax(-1) @ v[pos, h // g]
+        attended += int((sel >= 0).sum())
+        outs.append(out.reshape(-1))
+    return torch.stack(outs), attended
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_sparse_decode_equals_reference_selection(env, page_size, kernel):
+    sinks, window = 4, 8
+    books = env(4, 2, budget=0.05, min_tokens=4, sinks=sinks, window=window, kernel=kernel)
+    case = kit.DenseAttentionCase(
+        name="a2ats_sparse", backend="a2ats", forward_mode=ForwardMode.DECODE, num_heads=4, num_kv_heads=2,
+        page_size=page_size, prefix_lens=(300, 10, 200),
+    )
+    fixture = kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, max_context_len=320, device="cpu", dtype=torch.float32)
+    backend, fb, layer, runner = fixture.backend, fixture.forward_batch, fixture.actual_module.attn, fixture.runner
+    # The prefix went into the pool directly; store its codes as extend would have.
+    kbuf = runner.token_to_kv_pool.get_key_buffer(0)
+    for b, n in enumerate(case.prefix_lens):
+        slots = runner.req_to_token_pool.req_to_token[b, :n].long()
+        backend._encode(layer, kbuf[slots].reshape(n, -1), torch.arange(n), slots)
+    q, k, v = fixture.actual_module.project_qkv(fixture.input_hidden)
+    with torch.no_grad(), forward_context(ForwardContext(attn_backend=backend)):
+        backend.init_forward_metadata(fb)
+        assert backend.forward_metadata.sparse
+        out = layer(q, k, v, fb)  # RadixAttention -> backend, as in a model
+    want, attended = reference_decode(books, fixture, q, sinks, window, retrieval.Budget(0.05, 4))
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    total = sum(case.seq_lens) * 2
+    assert attended < total  # the long requests were really sparse
+    assert backend.attended_share() == pytest.approx(attended / total)
+    # The short request (11 tokens) fits its budget: its row is exact dense attention.
+    assert attended >= 11 * 2 + 2 * (sinks + window + math.ceil(301 * 0.05))
+
+
+def test_mismatched_codebooks_stop_backend_creation(env):
+    env(4, 1)  # the model below has 2 KV heads
+    case = kit.DenseAttentionCase(name="x", backend="a2ats", forward_mode=ForwardMode.DECODE, num_heads=4,
+                                  num_kv_heads=2, page_size=1, prefix_lens=(3,))
+    with pytest.raises(CodebookMismatch, match="num_kv_heads: file has 1, model has 2"):
+        kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
+
+
+def test_bad_config_is_rejected(env):
+    env(4, 2, budget=1.5)
+    case = kit.DenseAttentionCase(name="x", backend="a2ats", forward_mode=ForwardMode.DECODE, num_heads=4,
+                                  num_kv_heads=2, page_size=1, prefix_lens=(3,))
+    with pytest.raises(ValueError, match="budget ratio must be in"):
+        kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)

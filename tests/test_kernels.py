@@ -1,0 +1,64 @@
+"""Triton kernels against the torch references: on CUDA when there is one,
+otherwise on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported)."""
+
+import pytest
+import torch
+
+from a2ats_sglang import attention, retrieval  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+kernels = pytest.importorskip("a2ats_sglang.kernels.sparse_decode")
+from a2ats_sglang.kernels.merge import merge_states_triton  # noqa: E402
+from a2ats_sglang.kernels.score import approx_scores_triton  # noqa: E402
+
+
+@pytest.mark.parametrize("hq,hkv,nb", [(4, 2, 1), (9, 3, 8), (8, 8, 3)])
+def test_score_kernel_matches_reference(hq, hkv, nb):
+    b, c, n_slots = 3, 32, 700
+    seq_lens = torch.tensor([300, 17, 211])
+    length = int(seq_lens.max())
+    lut = torch.randn(b, hq, nb, c)
+    codes_buf = torch.randint(0, c, (n_slots, hkv), dtype=torch.int16)
+    slots = torch.stack([torch.randperm(n_slots)[:length] for _ in range(b)])
+    bounds = retrieval.distance_bounds(retrieval.wrope_distances(nb, lo=4, hi=400))
+    want = retrieval.approx_scores(lut, codes_buf[slots].permute(0, 2, 1), seq_lens, bounds, 4, 16)
+    got = approx_scores_triton(lut.to(DEV), codes_buf.to(DEV), slots.to(DEV), seq_lens.to(DEV), bounds, 4, 16, block=64)
+    torch.testing.assert_close(got.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 1, 64), (9, 3, 64), (2, 2, 32)])
+def test_sparse_decode_matches_reference(dtype, hq, hkv, d):
+    b, n_slots = 3, 400
+    k_buf = torch.randn(n_slots, hkv, d, dtype=dtype)
+    v_buf = torch.randn(n_slots, hkv, d, dtype=dtype)
+    q = torch.randn(b, hq, d, dtype=dtype)
+    lens = [70, 5, 0]  # ragged, one empty selection
+    slots = torch.full((b, hkv, max(lens)), -1, dtype=torch.int64)
+    for i, n in enumerate(lens):
+        for h in range(hkv):
+            slots[i, h, :n] = torch.randperm(n_slots)[:n]
+    want_o, want_l = attention.sparse_attention(q, k_buf, v_buf, slots, 0.125)
+    got_o, got_l = kernels.sparse_decode_triton(q.to(DEV), k_buf.to(DEV), v_buf.to(DEV), slots.to(DEV), 0.125, block_n=16)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_o.cpu().float(), want_o.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got_l.cpu(), want_l, atol=1e-3, rtol=1e-3)
+
+
+def test_sparse_decode_logit_cap():
+    q, k_buf, v_buf = torch.randn(1, 2, 32) * 4, torch.randn(50, 1, 32) * 4, torch.randn(50, 1, 32)
+    slots = torch.arange(50).view(1, 1, -1)
+    want_o, want_l = attention.sparse_attention(q, k_buf, v_buf, slots, 0.5, logit_cap=5.0)
+    got_o, got_l = kernels.sparse_decode_triton(q.to(DEV), k_buf.to(DEV), v_buf.to(DEV), slots.to(DEV), 0.5, 5.0, block_n=16)
+    torch.testing.assert_close(got_o.cpu(), want_o, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_l.cpu(), want_l, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_kernel_matches_reference():
+    o1, o2 = torch.randn(5, 3, 16), torch.randn(5, 3, 16)
+    l1, l2 = torch.randn(5, 3), torch.randn(5, 3)
+    l1[0, 0] = float("-inf")  # an empty partial
+    want = attention.merge_states(o1, l1, o2, l2)
+    got = merge_states_triton(o1.to(DEV), l1.to(DEV), o2.to(DEV), l2.to(DEV))
+    torch.testing.assert_close(got[0].cpu(), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1].cpu(), want[1], atol=1e-5, rtol=1e-5)
