@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from a2ats_sglang.capture import load_hf_model, run_documents
-from a2ats_sglang.codebook import DEFAULT_RELPATH, Codebooks, default_codebook_path
-from a2ats_sglang.quantizer import fit_codebooks, score_error
+from a2ats_sglang.codebook import DEFAULT_RELPATH, Codebooks, ModelShape, default_codebook_path
+from a2ats_sglang.quantizer import assign, fit_codebooks, score_error
 from a2ats_sglang.retrieval import distance_bounds, wrope_distances
 from a2ats_sglang.rope import RopeSpec
 from a2ats_sglang.texts import calibration_documents
@@ -60,6 +61,100 @@ def sample_rotated_queries(
     return rope.rotate(q_all[:, tok], dist)
 
 
+def _check_num_codes(num_codes: int) -> None:
+    if not 2 <= num_codes <= 32767:
+        raise ValueError(f"num_codes must be in [2, 32767], got {num_codes}")
+
+
+@dataclass
+class CalibrationData:
+    """What the model produced on calibration text.
+
+    keys: [G, N, D] pre-RoPE keys, G = layers * Hkv (layer-major); q_docs: per layer,
+    per document [Hq, T, D] pre-RoPE queries."""
+
+    keys: torch.Tensor
+    q_docs: list[list[torch.Tensor]]
+    shape: ModelShape
+    rope: RopeSpec
+    info: dict
+
+
+def collect(
+    model_path: str | Path,
+    text_files: list[Path] | None = None,
+    tokens: int = 16384,
+    doc_tokens: int = 2048,
+    uuid_share: float = 0.2,
+    seed: int = 0,
+    log=print,
+) -> CalibrationData:
+    """Run the model over calibration documents and keep its pre-RoPE keys and queries."""
+    model, tok, shape, rope = load_hf_model(model_path)
+    docs = calibration_documents(tok, tokens, doc_tokens, uuid_share, text_files, seed)
+    n_tok = sum(len(d) for d in docs)
+    log(f"[calibrate] {shape.model_type}: {shape.num_layers} layers, {shape.num_q_heads} q / {shape.num_kv_heads} kv heads, "
+        f"head dim {shape.head_dim}; {n_tok} tokens in {len(docs)} documents")
+    cap = run_documents(model, docs, progress=lambda i, n: log(f"[calibrate] forward {i}/{n} documents"))
+    keys = torch.cat([torch.cat(cap.k[li], dim=1) for li in range(shape.num_layers)])
+    info = {"tokens": n_tok, "doc_tokens": doc_tokens, "uuid_share": uuid_share, "seed": seed, "model_path": str(model_path)}
+    return CalibrationData(keys, cap.q, shape, rope, info)
+
+
+def rotated_query_sample(
+    data: CalibrationData, distances, sinks: int, window: int, queries_per_head: int, seed: int
+) -> torch.Tensor:
+    """[G, g * M, D] WRoPE-rotated queries of each (layer, KV head) group, M per query head."""
+    gen = torch.Generator().manual_seed(seed)
+    g = data.shape.num_q_heads // data.shape.num_kv_heads
+    out = [
+        sample_rotated_queries(q_docs, data.rope, distances, sinks, window, queries_per_head, gen).view(
+            data.shape.num_kv_heads, g * queries_per_head, -1)
+        for q_docs in data.q_docs
+    ]
+    return torch.cat(out)
+
+
+def fit(
+    data: CalibrationData,
+    num_codes: int = 512,
+    distances: tuple[int, ...] = wrope_distances(8),
+    query_aware: bool = True,
+    sinks: int = 8,
+    window: int = 64,
+    queries_per_head: int = 4096,
+    max_iters: int = 50,
+    tol: float = 1e-4,
+    seed: int = 0,
+    log=print,
+) -> tuple[Codebooks, list[float]]:
+    """Fit codebooks (query-aware, or plain VQ) -> (codebooks, relative score error per layer)."""
+    _check_num_codes(num_codes)
+    if data.keys.shape[1] < num_codes:
+        raise ValueError(f"calibration text gives {data.keys.shape[1]} tokens, fewer than {num_codes} codes")
+    queries = rotated_query_sample(data, distances, sinks, window, queries_per_head, seed)
+    name = "query-aware" if query_aware else "plain"
+    step = max(1, max_iters // 10)
+    books = fit_codebooks(
+        data.keys, queries if query_aware else None, num_codes, max_iters=max_iters, tol=tol, seed=seed,
+        progress=lambda it, inertia: log(f"[calibrate] {name} VQ k-means iter {it + 1}/{max_iters} inertia {inertia:.4g}") if it % step == 0 else None,
+    )
+    codes, _ = assign(data.keys @ books.whiten, books.centroids @ books.whiten)
+    approx = torch.gather(books.centroids, 1, codes.unsqueeze(-1).expand(-1, -1, data.keys.shape[-1]))
+    ev = slice(0, min(512, queries.shape[1]))
+    err = score_error(data.keys, queries[:, ev], approx).view(data.shape.num_layers, -1).mean(1).tolist()
+    lyr, hkv, d = data.shape.num_layers, data.shape.num_kv_heads, data.shape.head_dim
+    out = Codebooks(
+        centroids=books.centroids.view(lyr, hkv, num_codes, d),
+        whiten=books.whiten.view(lyr, hkv, d, d),
+        rope=data.rope,
+        distances=tuple(distances),
+        shape=data.shape,
+        info={**data.info, "sinks": sinks, "window": window, "query_aware": query_aware},
+    )
+    return out, err
+
+
 def calibrate(
     model_path: str | Path,
     out: str | Path | None = None,
@@ -78,64 +173,21 @@ def calibrate(
     compare_plain: bool = True,
     log=print,
 ) -> tuple[Codebooks, dict]:
-    """Calibrate and (if ``out``) save. Returns the codebooks and a report
-    ``{"qavq": [layer errors], "plain": [layer errors] | None}``."""
-    if num_codes < 2 or num_codes > 32767:
-        raise ValueError(f"num_codes must be in [2, 32767], got {num_codes}")
+    """Collect, fit query-aware codebooks, report their score error next to plain VQ,
+    and (if ``out``) save. -> (codebooks, {"qavq": [per layer], "plain": [per layer] | None})."""
     t0 = time.time()
-    model, tok, shape, rope = load_hf_model(model_path)
-    docs = calibration_documents(tok, tokens, doc_tokens, uuid_share, text_files, seed)
-    n_tok = sum(len(d) for d in docs)
-    if n_tok < num_codes:
-        raise ValueError(f"calibration text gives {n_tok} tokens, fewer than {num_codes} codes")
-    log(f"[calibrate] {shape.model_type}: {shape.num_layers} layers, {shape.num_q_heads} q / {shape.num_kv_heads} kv heads, "
-        f"head dim {shape.head_dim}; {n_tok} tokens in {len(docs)} documents; {num_codes} codes; distances {list(distances)}")
-    cap = run_documents(model, docs, progress=lambda i, n: log(f"[calibrate] forward {i}/{n} documents", end="\r") if log is print else None)
-    log(f"\n[calibrate] captured in {time.time() - t0:.0f}s")
-
-    gen = torch.Generator().manual_seed(seed)
-    g = shape.num_q_heads // shape.num_kv_heads
-    keys, queries = [], []
-    for li in range(shape.num_layers):
-        keys.append(torch.cat(cap.k[li], dim=1))  # [Hkv, N, D]
-        qr = sample_rotated_queries(cap.q[li], rope, distances, sinks, window, queries_per_head, gen)  # [Hq, M, D]
-        queries.append(qr.view(shape.num_kv_heads, g * queries_per_head, -1))
-    del cap
-    keys = torch.cat(keys)  # [G, N, D], G = layers * Hkv
-    queries = torch.cat(queries)  # [G, g*M, D]
-
-    def progress(name):
-        return lambda it, inertia: log(f"[calibrate] {name} k-means iter {it + 1}/{max_iters} inertia {inertia:.4g}", end="\r") if log is print else None
-
-    qa = fit_codebooks(keys, queries, num_codes, max_iters=max_iters, tol=tol, seed=seed, progress=progress("query-aware"))
-    log("")
-    from a2ats_sglang.quantizer import assign
-
-    def approx(fit):
-        codes, _ = assign(keys.float() @ fit.whiten, fit.centroids @ fit.whiten)
-        return torch.gather(fit.centroids, 1, codes.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-
-    ev = slice(0, min(512, queries.shape[1]))
-    report = {"qavq": score_error(keys, queries[:, ev], approx(qa)).view(shape.num_layers, -1).mean(1).tolist(), "plain": None}
-    if compare_plain:
-        pv = fit_codebooks(keys, None, num_codes, max_iters=max_iters, tol=tol, seed=seed, progress=progress("plain"))
-        log("")
-        report["plain"] = score_error(keys, queries[:, ev], approx(pv)).view(shape.num_layers, -1).mean(1).tolist()
+    _check_num_codes(num_codes)  # before the slow part
+    data = collect(model_path, text_files, tokens, doc_tokens, uuid_share, seed, log)
+    log(f"[calibrate] captured in {time.time() - t0:.0f}s; {num_codes} codes, WRoPE distances {list(distances)}")
+    kw = dict(num_codes=num_codes, distances=distances, sinks=sinks, window=window,
+              queries_per_head=queries_per_head, max_iters=max_iters, tol=tol, seed=seed, log=log)
+    books, qa_err = fit(data, query_aware=True, **kw)
+    report = {"qavq": qa_err, "plain": fit(data, query_aware=False, **kw)[1] if compare_plain else None}
     log("[calibrate] relative score error E[(q.(k-k^))^2]/E[(q.k)^2] per layer:")
     log("  layer  query-aware VQ  plain VQ")
     for li, e in enumerate(report["qavq"]):
         p = f"{report['plain'][li]:.4f}" if report["plain"] else "-"
         log(f"  {li:5d}  {e:14.4f}  {p:>8}")
-    lyr, hkv = shape.num_layers, shape.num_kv_heads
-    books = Codebooks(
-        centroids=qa.centroids.view(lyr, hkv, num_codes, -1),
-        whiten=qa.whiten.view(lyr, hkv, shape.head_dim, shape.head_dim),
-        rope=rope,
-        distances=tuple(distances),
-        shape=shape,
-        info={"tokens": n_tok, "doc_tokens": doc_tokens, "uuid_share": uuid_share, "seed": seed,
-              "sinks": sinks, "window": window, "model_path": str(model_path)},
-    )
     if out is not None:
         books.save(out)
         log(f"[calibrate] wrote {out} in {time.time() - t0:.0f}s total")

@@ -6,7 +6,7 @@ loaded model cannot be saved directly, so its state dict is copied into a fresh
 model built from the same config and that one is saved in Hugging Face format
 (config.json, model.safetensors, tokenizer). The result is cached.
 
-    python -m a2ats_sglang.default_model            # prints the model directory
+    python -m a2ats_sglang.default_model     # builds model + codebooks, prints the model directory
 """
 
 from __future__ import annotations
@@ -73,12 +73,28 @@ def build_default_model(out_dir: Path | None = None, force: bool = False) -> Pat
     return out_dir
 
 
+def ensure_default_codebooks(model_dir: Path | None = None) -> Path:
+    """Calibrate the default model's codebooks with the default settings unless present."""
+    from a2ats_sglang.calibrate import calibrate
+    from a2ats_sglang.codebook import default_codebook_path
+
+    model_dir = Path(model_dir or default_model_dir())
+    path = default_codebook_path(model_dir)
+    if not path.is_file():
+        calibrate(model_dir, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="model directory (default: the cache)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--no-codebooks", action="store_true", help="do not calibrate codebooks")
     args = parser.parse_args(argv)
-    print(build_default_model(args.out, force=args.force))
+    model_dir = build_default_model(args.out, force=args.force)
+    if not args.no_codebooks:
+        ensure_default_codebooks(model_dir)
+    print(model_dir)
 
 
 if __name__ == "__main__":

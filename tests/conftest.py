@@ -18,9 +18,11 @@ import torch
 
 @pytest.fixture(scope="session")
 def default_model_dir():
-    from a2ats_sglang.default_model import build_default_model
+    from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
 
-    return build_default_model()
+    path = build_default_model()
+    ensure_default_codebooks(path)
+    return path
 
 
 @pytest.fixture(autouse=True)

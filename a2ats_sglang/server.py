@@ -1,0 +1,117 @@
+"""Start and stop a real SGLang server process (used by the demo, examples,
+benchmarks and end-to-end tests).
+
+    with launch_server(model_path, "a2ats", extra_args=[...]) as srv:
+        requests.post(srv.url + "/generate", ...)
+
+On a machine without CUDA it runs with ``--device cpu`` through the project's
+opt-in platform (``SGLANG_PLATFORM=a2ats_cpu``) in float32.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def server_command(model_path, backend: str, port: int, extra_args=()) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+           "--attention-backend", backend, "--host", "127.0.0.1", "--port", str(port)]
+    if on_cpu():
+        cmd += ["--device", "cpu", "--dtype", "float32"]
+    return cmd + [str(a) for a in extra_args]
+
+
+def server_env(env: dict | None = None) -> dict:
+    out = dict(os.environ)
+    if on_cpu():
+        out.setdefault("SGLANG_PLATFORM", "a2ats_cpu")
+    out.pop("TRITON_INTERPRET", None)
+    out.update(env or {})
+    return out
+
+
+@contextmanager
+def launch_server(model_path, backend: str = "a2ats", extra_args=(), env: dict | None = None, timeout: float = 300.0,
+                  log_path: Path | None = None):
+    """Yield a running :class:`Server`; raise RuntimeError with the log tail if it dies or never gets healthy."""
+    port = free_port()
+    log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{backend}-", suffix=".log")[1])
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(server_command(model_path, backend, port, extra_args), stdout=log, stderr=subprocess.STDOUT,
+                                env=server_env(env), start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}:\n{srv.log()[-4000:]}")
+            try:
+                if requests.get(srv.url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{srv.log()[-4000:]}")
+            time.sleep(1)
+        yield srv
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after ``grace`` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_server_expecting_failure(model_path, backend: str, extra_args=(), env: dict | None = None, timeout: float = 300.0):
+    """Run a server that must fail to start: -> (exit code, combined output)."""
+    port = free_port()
+    r = subprocess.run(server_command(model_path, backend, port, extra_args), env=server_env(env), capture_output=True,
+                       text=True, timeout=timeout, start_new_session=True)
+    return r.returncode, r.stdout + r.stderr

@@ -1,0 +1,136 @@
+"""End to end: a real `python -m sglang.launch_server --attention-backend a2ats`
+process serving the default model on CPU, next to a torch_native server."""
+
+import concurrent.futures as cf
+import json
+import re
+
+import pytest
+import requests
+
+from a2ats_sglang.server import launch_server, run_server_expecting_failure
+from a2ats_sglang.texts import long_text
+
+pytestmark = pytest.mark.server
+COMMON = ["--max-total-tokens", "20000", "--decode-log-interval", "1", "--max-running-requests", "8", "--enable-cache-report"]
+
+
+@pytest.fixture(scope="module")
+def a2ats(default_model_dir):
+    with launch_server(default_model_dir, "a2ats", COMMON) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def dense(default_model_dir):
+    with launch_server(default_model_dir, "torch_native", COMMON) as srv:
+        yield srv
+
+
+def generate(srv, text, max_new_tokens=16, **params):
+    r = requests.post(srv.url + "/generate", json={"text": text, "sampling_params": {
+        "max_new_tokens": max_new_tokens, "temperature": 0, **params}}, timeout=300)
+    r.raise_for_status()
+    return r.json()
+
+
+def chat(srv, messages, **kw):
+    r = requests.post(srv.url + "/v1/chat/completions", json={"model": "default", "messages": messages,
+                                                             "temperature": 0, "max_tokens": 24, **kw}, timeout=300)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_generate_and_greedy_equal_to_dense_when_prompts_fit(a2ats, dense):
+    prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
+    for p in prompts:
+        got, want = generate(a2ats, p, 24), generate(dense, p, 24)
+        assert got["text"] and got["meta_info"]["completion_tokens"] == want["meta_info"]["completion_tokens"]
+        assert got["text"] == want["text"], p
+
+
+def test_chat_completions_and_streaming(a2ats):
+    msgs = [{"role": "user", "content": "Say hello in French."}]
+    full = chat(a2ats, msgs)["choices"][0]["message"]["content"]
+    assert full.strip()
+    with requests.post(a2ats.url + "/v1/chat/completions", json={"model": "default", "messages": msgs, "temperature": 0,
+                                                                 "max_tokens": 24, "stream": True}, stream=True, timeout=300) as r:
+        r.raise_for_status()
+        pieces = []
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                pieces.append(delta.get("content") or "")
+    assert len(pieces) > 2 and "".join(pieces) == full
+
+
+def test_regex_and_json_schema_constrained_output(a2ats):
+    out = generate(a2ats, "My phone number is", 20, regex=r"\(\d{3}\) \d{3}-\d{4}")
+    assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", out["text"]), out["text"]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    out = chat(a2ats, [{"role": "user", "content": "Give a person as JSON."}], max_tokens=60,
+               response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    obj = json.loads(out["choices"][0]["message"]["content"])
+    assert set(obj) == {"name", "age"} and isinstance(obj["age"], int)
+
+
+def test_multi_turn_conversation_reuses_radix_cache(a2ats):
+    context = long_text(1500)
+    msgs = [{"role": "system", "content": "Answer briefly.\n" + context}, {"role": "user", "content": "What is the first topic?"}]
+    first = chat(a2ats, msgs)
+    msgs += [first["choices"][0]["message"], {"role": "user", "content": "And the second one?"}]
+    second = chat(a2ats, msgs)
+    assert second["choices"][0]["message"]["content"].strip()
+    cached = second["usage"].get("prompt_tokens_details") or {}
+    assert cached.get("cached_tokens", 0) >= first["usage"]["prompt_tokens"] - 8, second["usage"]
+
+
+def test_concurrent_requests(a2ats):
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(8)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda p: generate(a2ats, p, 12), prompts))
+    assert all(o["meta_info"]["completion_tokens"] == 12 for o in outs)
+    solo = generate(a2ats, prompts[3], 12)
+    assert solo["text"] == outs[3]["text"]  # batching does not change a greedy answer
+
+
+FACTS = [("Zorblat", "7319"), ("Quenmir", "2846"), ("Havelin", "5093")]
+
+
+def planted_prompt(name, code, offset):
+    text = long_text(9000, offset=offset)  # about 2K tokens of real text
+    cut = len(text) // 2
+    text = text[:cut] + f"\n\nImportant: the secret code of {name} is {code}.\n\n" + text[cut:]
+    return f"{text}\n\nQuestion: What is the secret code of {name}?\nAnswer: The secret code of {name} is"
+
+
+def test_long_prompts_answer_as_often_as_dense_and_attend_a_fraction(a2ats, dense):
+    right = {"a2ats": 0, "dense": 0}
+    for i, (name, code) in enumerate(FACTS):
+        prompt = planted_prompt(name, code, offset=40 * i)
+        for key, srv in (("a2ats", a2ats), ("dense", dense)):
+            out = generate(srv, prompt, 8)
+            assert out["meta_info"]["prompt_tokens"] >= 2000
+            right[key] += code in out["text"]
+    assert right["a2ats"] >= right["dense"], right
+    shares = [float(m) for m in re.findall(r"a2ats decode batch: .* attended ([\d.]+)% of context", a2ats.log())]
+    assert shares and min(shares) < 25.0  # sinks + window + 3 % budget of ~2K tokens, per KV head
+
+
+def test_missing_codebooks_stop_the_server_at_start(default_model_dir, tmp_path):
+    code, out = run_server_expecting_failure(default_model_dir, "a2ats", ["--a2ats-codebook", str(tmp_path / "none.safetensors")])
+    assert code != 0 and "codebooks file not found" in out
+
+
+def test_bad_option_stops_the_server_at_start(default_model_dir):
+    code, out = run_server_expecting_failure(default_model_dir, "a2ats", ["--a2ats-budget", "0"])
+    assert code != 0 and "budget ratio must be in (0, 1]" in out
+
+
+def test_mismatched_codebooks_stop_the_server(default_model_dir, tmp_path):
+    from conftest import make_codebooks
+
+    make_codebooks(30, 9, 1, 64).save(tmp_path / "wrong.safetensors")
+    code, out = run_server_expecting_failure(default_model_dir, "a2ats", COMMON + ["--a2ats-codebook", str(tmp_path / "wrong.safetensors")])
+    assert code != 0 and "num_kv_heads: file has 1, model has 3" in out
