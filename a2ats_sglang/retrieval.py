@@ -126,15 +126,24 @@ def select(
     mask = keep.unsqueeze(1).expand(-1, num_kv_heads, -1).clone()  # [B, Hkv, L]
     kmax = int(min(k.max().item(), length)) if b else 0
     if kmax > 0:
-        # Stable order: ties (tokens sharing a code) go to the earliest position, so a
-        # request selects the same tokens whatever else is in its batch.
-        idx = scores.argsort(dim=-1, descending=True, stable=True)[..., :kmax]  # [B, Hq, kmax]
+        idx = scores_with_position_tiebreak(scores).topk(kmax, dim=-1).indices  # [B, Hq, kmax]
         val = scores.gather(-1, idx)
         ok = (val > float("-inf")) & (torch.arange(kmax, device=device) < k.view(-1, 1, 1))
         hit = torch.zeros(b, hq, length, dtype=torch.bool, device=device)
         hit.scatter_(2, idx, ok)
         mask |= hit.view(b, num_kv_heads, g, length).any(2)
     return mask_to_positions(mask)
+
+
+def scores_with_position_tiebreak(scores: torch.Tensor) -> torch.Tensor:
+    """float32 [..., L] -> int64 keys ordered like the scores, ties going to the earlier
+    position: tokens sharing a code tie, and the selection must not depend on what
+    else is in the batch. (float32 bits made order-preserving, then the position.)"""
+    bits = scores.float().contiguous().view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    length = scores.shape[-1]
+    rank = length - 1 - torch.arange(length, device=scores.device)
+    return (ordered << 32) | rank
 
 
 def mask_to_positions(mask: torch.Tensor) -> torch.Tensor:

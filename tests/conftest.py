@@ -25,6 +25,27 @@ def default_model_dir():
     return path
 
 
+SERVER_ARGS = ["--max-total-tokens", "20000", "--decode-log-interval", "1", "--max-running-requests", "8", "--enable-cache-report"]
+
+
+@pytest.fixture(scope="session")
+def a2ats(default_model_dir):
+    """A real `sglang.launch_server --attention-backend a2ats` on the default model."""
+    from a2ats_sglang.server import launch_server
+
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def dense(default_model_dir):
+    """The same model served with SGLang's torch_native backend."""
+    from a2ats_sglang.server import launch_server
+
+    with launch_server(default_model_dir, "torch_native", SERVER_ARGS) as srv:
+        yield srv
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

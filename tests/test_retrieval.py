@@ -99,3 +99,18 @@ def test_budget_covering_the_sequence_selects_everything():
 def test_mask_to_positions():
     m = torch.tensor([[True, False, True, False], [False, False, False, True]])
     assert mask_to_positions(m).tolist() == [[0, 2], [3, -1]]
+
+
+def test_tiebreak_keys_order_like_scores_and_prefer_earlier_positions():
+    from a2ats_sglang.retrieval import scores_with_position_tiebreak
+
+    s = torch.tensor([[1.5, -2.0, 1.5, float("-inf"), 0.0, -0.0, 3.0, -1e-30]])
+    key = scores_with_position_tiebreak(s)
+    order = key.argsort(descending=True)[0].tolist()
+    assert order[:3] == [6, 0, 2]  # 3.0, then the tied 1.5s, earlier first
+    assert order[-1] == 3 and order[-2] == 1  # -inf last, -2.0 before it
+    # a padded batch selects the same tokens
+    sel1 = select(s[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1), 0, 1, 1)
+    pad = torch.cat([s, torch.full((1, 5), float("-inf"))], -1)
+    sel2 = select(pad[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1), 0, 1, 1)
+    assert sel1.tolist() == sel2[..., : sel1.shape[-1]].tolist()

@@ -8,23 +8,12 @@ import re
 import pytest
 import requests
 
-from a2ats_sglang.server import launch_server, run_server_expecting_failure
+from conftest import SERVER_ARGS
+
+from a2ats_sglang.server import run_server_expecting_failure
 from a2ats_sglang.texts import long_text
 
 pytestmark = pytest.mark.server
-COMMON = ["--max-total-tokens", "20000", "--decode-log-interval", "1", "--max-running-requests", "8", "--enable-cache-report"]
-
-
-@pytest.fixture(scope="module")
-def a2ats(default_model_dir):
-    with launch_server(default_model_dir, "a2ats", COMMON) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def dense(default_model_dir):
-    with launch_server(default_model_dir, "torch_native", COMMON) as srv:
-        yield srv
 
 
 def generate(srv, text, max_new_tokens=16, **params):
@@ -132,5 +121,5 @@ def test_mismatched_codebooks_stop_the_server(default_model_dir, tmp_path):
     from conftest import make_codebooks
 
     make_codebooks(30, 9, 1, 64).save(tmp_path / "wrong.safetensors")
-    code, out = run_server_expecting_failure(default_model_dir, "a2ats", COMMON + ["--a2ats-codebook", str(tmp_path / "wrong.safetensors")])
+    code, out = run_server_expecting_failure(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-codebook", str(tmp_path / "wrong.safetensors")])
     assert code != 0 and "num_kv_heads: file has 1, model has 3" in out

@@ -1,0 +1,29 @@
+"""Shared by the examples: use a running server (--url) or start one with a2ats."""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager, nullcontext
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="a running SGLang server (default: start one with --attention-backend a2ats)")
+    parser.add_argument("--model-path", help="model for the started server (default: the embedded default model)")
+
+
+@contextmanager
+def server_url(args, backend: str = "a2ats", url: str | None = None):
+    """Yield (url, server or None) for ``backend``: ``url`` if given, else a freshly started server."""
+    url = url if url is not None else args.url
+    if url:
+        with nullcontext():
+            yield url.rstrip("/"), None
+        return
+    from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
+    from a2ats_sglang.server import launch_server
+
+    model = args.model_path or build_default_model()
+    if not args.model_path:
+        ensure_default_codebooks(model)
+    with launch_server(model, backend, ["--max-total-tokens", "20000", "--enable-cache-report", "--decode-log-interval", "1"]) as srv:
+        yield srv.url, srv

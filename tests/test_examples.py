@@ -1,0 +1,41 @@
+"""Each example in examples/ runs, with short settings, against real servers."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.server
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name, *args, timeout=900):
+    r = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_chat_agent_reuses_the_radix_cache(a2ats):
+    out = run_example("chat_agent.py", "--url", a2ats.url, "--turns", 3, "--max-tokens", 16, "--doc-chars", 2000)
+    turns = re.findall(r"turn (\d+): [\d.]+s, prompt (\d+) tokens \((\d+) cached\)", out)
+    assert [t[0] for t in turns] == ["1", "2", "3"]
+    assert all(int(prompt) > int(p_prev) for (_, p_prev, _), (_, prompt, _) in zip(turns, turns[1:]))  # growing context
+    assert all(int(cached) > 0 for _, _, cached in turns[1:]), out
+    assert "radix cache: turns 2..3 reused" in out
+
+
+def test_structured_programs(a2ats):
+    out = run_example("structured_programs.py", "--url", a2ats.url)
+    assert re.search(r"^date: (19|20)\d\d-\d\d-\d\d$", out, re.M), out
+    assert re.search(r"^card: \{'name': .*'year_of_birth': \d+, 'field': '(science|art|politics|sport)'\}$", out, re.M), out
+    assert re.search(r"^labels: \['(positive|negative)', '(positive|negative)'\]$", out, re.M), out
+    assert "Advantage: " in out and "Disadvantage: " in out
+
+
+def test_long_document_qa_compares_with_dense(a2ats, dense):
+    out = run_example("long_document_qa.py", "--a2ats-url", a2ats.url, "--dense-url", dense.url, "--doc-chars", 5000, "--questions", 1)
+    assert re.search(r"Q1 \(\d+ tokens\) Who is the lighthouse keeper\?", out), out
+    assert re.search(r"time per output token at \d+ tokens: a2ats [\d.]+ ms, dense [\d.]+ ms", out), out
+    assert re.search(r"right answers: a2ats [01]/1, dense [01]/1", out), out
