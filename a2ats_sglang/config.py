@@ -18,6 +18,21 @@ ENV_PREFIX = "SGLANG_A2ATS_"
 KERNELS = ("auto", "torch", "triton")
 
 
+def _parse_bool(raw) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+def _parser(default):
+    return _parse_bool if isinstance(default, bool) else type(default)
+
+
 @dataclass(frozen=True)
 class A2ATSConfig:
     codebook: str = ""
@@ -28,6 +43,8 @@ class A2ATSConfig:
     window: int = 64
     dense_below: int = 0
     kernel: str = "auto"
+    offload: bool = False
+    worker_timeout: float = 30.0
 
     HELP = {
         "codebook": "codebooks file (default: MODEL_PATH/a2ats/codebooks.safetensors); build with python -m a2ats_sglang.calibrate",
@@ -38,6 +55,8 @@ class A2ATSConfig:
         "window": "most recent tokens always attended (paper: 64)",
         "dense_below": "decode batches whose longest context is below this many tokens use dense attention",
         "kernel": "sparse decode implementation: auto (Triton on CUDA, torch on CPU), torch, triton",
+        "offload": "keep the full KV in shared host memory and attend retrieved tokens in a CPU worker process (--device cpu)",
+        "worker_timeout": "seconds before an unanswered CPU worker is replaced",
     }
 
     def __post_init__(self):
@@ -46,6 +65,8 @@ class A2ATSConfig:
             raise ValueError(f"a2ats: need sinks >= 0 and window >= 1, got sinks={self.sinks}, window={self.window}")
         if self.dense_below < 0:
             raise ValueError(f"a2ats: dense_below must be >= 0, got {self.dense_below}")
+        if self.worker_timeout <= 0:
+            raise ValueError(f"a2ats: worker_timeout must be > 0, got {self.worker_timeout}")
         if self.kernel not in KERNELS:
             raise ValueError(f"a2ats: kernel must be one of {KERNELS}, got {self.kernel!r}")
 
@@ -61,7 +82,9 @@ class A2ATSConfig:
     def add_cli_args(cls, parser) -> None:
         group = parser.add_argument_group("A2ATS attention backend (--attention-backend a2ats)")
         for f in fields(cls):
-            group.add_argument(cls.flag(f.name), dest="a2ats_" + f.name, type=type(f.default), default=None, help=cls.HELP[f.name])
+            extra = {"nargs": "?", "const": True} if isinstance(f.default, bool) else {}
+            group.add_argument(cls.flag(f.name), dest="a2ats_" + f.name, type=_parser(f.default), default=None,
+                               help=cls.HELP[f.name], **extra)
 
     @classmethod
     def from_cli_namespace(cls, ns) -> "A2ATSConfig":
@@ -77,7 +100,7 @@ class A2ATSConfig:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
                 try:
-                    kw[f.name] = type(f.default)(raw)
+                    kw[f.name] = _parser(f.default)(raw)
                 except ValueError:
                     raise ValueError(f"a2ats: {ENV_PREFIX + f.name.upper()}={raw!r} is not a valid {type(f.default).__name__}") from None
         return cls(**kw)

@@ -105,15 +105,13 @@ def approx_scores(
     return s.masked_fill(~scorable.unsqueeze(1), float("-inf"))
 
 
-def select(
+def selection_masks(
     scores: torch.Tensor, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, num_kv_heads: int
-) -> torch.Tensor:
-    """Selected positions per KV head: top-K of each query head (ties to the earlier
-    position), union over its GQA group, plus sinks and window; everything when
-    that covers the sequence.
-
-    scores: [B, Hq, L] (from :func:`approx_scores`) -> int64 [B, Hkv, S], ascending
-    positions, padded with -1. S is the largest selection in the batch."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two parts of a selection, bool [B, Hkv, L] each, disjoint:
+    ``fixed`` = sinks + window (the whole sequence for a request its budget covers),
+    ``retrieved`` = top-K of each query head (ties to the earlier position), unioned
+    over the GQA group. scores: [B, Hq, L] from :func:`approx_scores`."""
     b, hq, length = scores.shape
     g = hq // num_kv_heads
     device = scores.device
@@ -121,18 +119,27 @@ def select(
     lens = seq_lens.view(-1, 1).to(device)
     k = budget.tokens(seq_lens).to(device)  # [B]
     dense = (k + sinks + window) >= seq_lens.to(device)  # [B]
-    keep = ((pos < sinks) | (pos >= lens - window)) & (pos < lens)  # [B, L]
-    keep = keep | (dense.view(-1, 1) & (pos < lens))
-    mask = keep.unsqueeze(1).expand(-1, num_kv_heads, -1).clone()  # [B, Hkv, L]
+    fixed = ((pos < sinks) | (pos >= lens - window) | dense.view(-1, 1)) & (pos < lens)  # [B, L]
+    fixed = fixed.unsqueeze(1).expand(-1, num_kv_heads, -1)
+    hit = torch.zeros(b, hq, length, dtype=torch.bool, device=device)
     kmax = int(min(k.max().item(), length)) if b else 0
     if kmax > 0:
         idx = scores_with_position_tiebreak(scores).topk(kmax, dim=-1).indices  # [B, Hq, kmax]
-        val = scores.gather(-1, idx)
-        ok = (val > float("-inf")) & (torch.arange(kmax, device=device) < k.view(-1, 1, 1))
-        hit = torch.zeros(b, hq, length, dtype=torch.bool, device=device)
+        ok = (scores.gather(-1, idx) > float("-inf")) & (torch.arange(kmax, device=device) < k.view(-1, 1, 1))
         hit.scatter_(2, idx, ok)
-        mask |= hit.view(b, num_kv_heads, g, length).any(2)
-    return mask_to_positions(mask)
+    retrieved = hit.view(b, num_kv_heads, g, length).any(2) & ~fixed
+    return fixed, retrieved
+
+
+def select(
+    scores: torch.Tensor, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, num_kv_heads: int
+) -> torch.Tensor:
+    """Selected positions per KV head: sinks, window and the retrieved top-K (see
+    :func:`selection_masks`); everything when that covers the sequence.
+
+    -> int64 [B, Hkv, S], ascending positions, -1 padded (S = the largest selection)."""
+    fixed, retrieved = selection_masks(scores, seq_lens, budget, sinks, window, num_kv_heads)
+    return mask_to_positions(fixed | retrieved)
 
 
 def scores_with_position_tiebreak(scores: torch.Tensor) -> torch.Tensor:

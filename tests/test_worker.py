@@ -1,0 +1,161 @@
+"""The CPU attention worker: a real process, real ZMQ IPC socket, real memfd shared memory."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from a2ats_sglang.attention import sparse_attention
+from a2ats_sglang.shared_memory import KVLayout, SharedRegion
+from a2ats_sglang.worker import MAGIC, OP_ATTEND, REQUEST, VERSION, CPUAttentionWorker, WorkerFailure
+
+HQ, HKV, D = 6, 2, 16
+
+
+@pytest.fixture
+def pool():
+    layout = KVLayout(num_layers=2, slots=500, kv_heads=HKV, head_dim=D, v_head_dim=D, dtype=torch.float32)
+    region = SharedRegion.create(layout.nbytes)
+    ks, vs = layout.views(region)
+    for t in ks + vs:
+        t.copy_(torch.randn_like(t))
+    yield layout, region, ks, vs
+    region.close()
+
+
+@pytest.fixture
+def worker(pool):
+    layout, region, _, _ = pool
+    w = CPUAttentionWorker(region, layout, HQ, batch=4, slots=64, timeout=5.0, threads=1)
+    yield w
+    w.close()
+
+
+def request(b=3, s=40, n_slots=500):
+    q = torch.randn(b, HQ, D)
+    slots = torch.stack([torch.stack([torch.randperm(n_slots)[:s] for _ in range(HKV)]) for _ in range(b)])
+    slots[0, :, s // 2:] = -1  # ragged
+    return q, slots
+
+
+def test_worker_result_equals_local_attention(pool, worker):
+    _, _, ks, vs = pool
+    q, slots = request()
+    worker.submit(1, q, slots, 0.25)
+    out, lse = worker.wait()
+    want_o, want_l = sparse_attention(q, ks[1], vs[1], slots, 0.25)
+    torch.testing.assert_close(out, want_o)
+    torch.testing.assert_close(lse, want_l)
+    assert worker.restarts == 0
+
+
+def test_sees_kv_written_after_start(pool, worker):
+    _, _, ks, vs = pool
+    q, slots = request()
+    ks[0][slots[1, 0, 0]] += 5.0  # the pool is shared memory, not a copy
+    worker.submit(0, q, slots, 0.25)
+    out, _ = worker.wait()
+    torch.testing.assert_close(out, sparse_attention(q, ks[0], vs[0], slots, 0.25)[0])
+
+
+def test_malformed_messages_are_rejected_and_the_worker_keeps_serving(pool, worker):
+    worker._pending = None
+    for bad in [b"garbage", REQUEST.pack(b"XXXX", VERSION, OP_ATTEND, 0, 1, HQ, HKV, D, D, 1, 1.0, 0)]:
+        worker.sock.send(bad)
+        with pytest.raises(RuntimeError, match="rejected"):
+            worker._recv(5.0)
+    for fields, msg in [((0, 1, HQ, HKV, D + 1, D, 1), "does not match the pool"), ((7, 1, HQ, HKV, D, D, 1), "does not match"),
+                        ((0, 99, HQ, HKV, D, D, 1), "exceeds the arena")]:
+        worker._seq += 1
+        worker.sock.send(REQUEST.pack(MAGIC, VERSION, OP_ATTEND, *fields, 1.0, worker._seq))
+        with pytest.raises(RuntimeError, match=msg):
+            worker._recv(5.0)
+    q, slots = request()
+    slots[0, 0, 0] = 10_000  # not a slot of the pool
+    worker.submit(0, q, slots, 0.25)
+    with pytest.raises(RuntimeError, match="out of the pool's range"):
+        worker.wait()
+    q, slots = request()
+    worker.submit(0, q, slots, 0.25)
+    worker.wait()
+    assert worker.restarts == 0 and worker.proc.poll() is None
+
+
+def test_killed_worker_is_replaced_and_the_request_recomputed(pool, worker):
+    _, _, ks, vs = pool
+    q, slots = request()
+    old = worker.pid
+    worker.submit(1, q, slots, 0.5)
+    os.kill(old, signal.SIGKILL)
+    out, lse = worker.wait()
+    torch.testing.assert_close(out, sparse_attention(q, ks[1], vs[1], slots, 0.5)[0])
+    assert worker.restarts == 1 and worker.pid != old
+
+
+def test_hung_worker_is_detected_within_the_timeout(pool):
+    layout, region, ks, vs = pool
+    w = CPUAttentionWorker(region, layout, HQ, batch=4, slots=64, timeout=2.0, threads=1)
+    try:
+        q, slots = request()
+        old = w.pid
+        os.kill(old, signal.SIGSTOP)
+        t = time.monotonic()
+        w.submit(0, q, slots, 0.25)
+        out, _ = w.wait()
+        assert time.monotonic() - t < 2.0 + 60  # timeout, then a fresh worker's start
+        torch.testing.assert_close(out, sparse_attention(q, ks[0], vs[0], slots, 0.25)[0])
+        assert w.restarts == 1
+        with pytest.raises(ProcessLookupError):
+            os.kill(old, 0)  # the hung one was killed, not leaked
+    finally:
+        w.close()
+
+
+def test_arena_grows_for_larger_requests(pool, worker):
+    _, _, ks, vs = pool
+    q, slots = request(b=4, s=200)
+    worker.submit(0, q, slots, 0.25)
+    out, _ = worker.wait()
+    torch.testing.assert_close(out, sparse_attention(q, ks[0], vs[0], slots, 0.25)[0])
+    assert worker.arena.slots >= 200
+
+
+def test_close_leaves_nothing_behind(pool):
+    layout, region, _, _ = pool
+    w = CPUAttentionWorker(region, layout, HQ, batch=2, slots=8, threads=1)
+    pid, d = w.pid, w.dir
+    w.close()
+    assert not os.path.exists(d)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_worker_exits_when_its_parent_dies(tmp_path):
+    script = textwrap.dedent("""
+        import sys, time, torch
+        from a2ats_sglang.shared_memory import KVLayout, SharedRegion
+        from a2ats_sglang.worker import CPUAttentionWorker
+        layout = KVLayout(1, 10, 1, 8, 8, torch.float32)
+        w = CPUAttentionWorker(SharedRegion.create(layout.nbytes), layout, 1, 1, 4, threads=1)
+        print(w.pid, w.dir, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pid, d = parent.stdout.readline().split()
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("worker outlived its parent")
+    assert not os.path.exists(d)
