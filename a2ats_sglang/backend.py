@@ -12,6 +12,7 @@ Dense backend: torch_native on CPU; triton on CUDA. Layers with a sliding window
 
 from __future__ import annotations
 
+import atexit
 import logging
 from dataclasses import dataclass
 import torch
@@ -19,9 +20,10 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from a2ats_sglang import ops
+from a2ats_sglang.attention import merge_states
 from a2ats_sglang.codebook import Codebooks, LayerCodebook, ModelShape, default_codebook_path
 from a2ats_sglang.config import A2ATSConfig
-from a2ats_sglang.retrieval import distance_bounds
+from a2ats_sglang.retrieval import distance_bounds, lookup_table, mask_to_positions, rotated_queries, selection_masks
 from a2ats_sglang.rope import RopeSpec
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,13 @@ def _dense_backend(model_runner):
 
     name = "triton" if model_runner.device == "cuda" or str(model_runner.device).startswith("cuda") else "torch_native"
     return ATTENTION_BACKENDS[name](model_runner)
+
+
+def _cpu_kernel_available() -> bool:
+    """Build (or load the cached) C++ CPU kernel now, not during the first request."""
+    from a2ats_sglang.kernels.cpu import available
+
+    return available()
 
 
 def _decode_log_interval() -> int:
@@ -98,14 +107,36 @@ class A2ATSAttnBackend(AttentionBackend):
         slots = self.token_to_kv_pool.get_key_buffer(0).shape[0]
         self.codes = torch.zeros(shape.num_layers, slots, hkv_local, dtype=torch.int16, device=self.device)
         self.use_triton = self.config.kernel == "triton" or (self.config.kernel == "auto" and self.device.type == "cuda")
+        self.use_cpu_kernel = self.config.kernel == "auto" and self.device.type == "cpu" and _cpu_kernel_available()
         self._stats = [0, 0, 0]  # decode batches, attended token-heads, context token-heads
+        self.worker = self._start_worker(model_runner, shape.num_q_heads // tp_size, hkv_local) if self.config.offload else None
         self.log_interval = _decode_log_interval()
         logger.info(
             "a2ats: %s, %d codes, WRoPE distances %s, budget %.3g [%d, %d] + %d sinks + %d window, kernel %s, dense %s",
             path, books.num_codes, list(books.distances), self.budget.ratio, self.budget.min_tokens,
             self.budget.max_tokens, self.config.sinks, self.config.window,
-            "triton" if self.use_triton else "torch", type(self.dense).__name__,
+            "triton" if self.use_triton else "c++" if self.use_cpu_kernel else "torch", type(self.dense).__name__,
         )
+
+    def _start_worker(self, model_runner, hq_local: int, hkv_local: int):
+        """Offload mode: the pool must be the shared host pool; start this rank's CPU worker."""
+        from a2ats_sglang.host_pool import HostKVPool
+        from a2ats_sglang.worker import CPUAttentionWorker
+
+        if not isinstance(self.token_to_kv_pool, HostKVPool):
+            raise ValueError(
+                "a2ats offload needs the shared host KV pool: run with SGLANG_PLATFORM=a2ats_cpu and --device cpu "
+                "(offload from a GPU is not implemented)"
+            )
+        context = int(getattr(model_runner.model_config, "context_len", 0) or 8192)
+        per_head = int(self.budget.tokens(torch.tensor([context]))[0])
+        worker = CPUAttentionWorker(
+            self.token_to_kv_pool.shared_region, self.token_to_kv_pool.kv_layout, hq_local,
+            batch=max(1, min(int(getattr(model_runner, "max_running_requests", 0) or 64), 256)),
+            slots=(hq_local // hkv_local) * per_head, timeout=self.config.worker_timeout,
+        )
+        atexit.register(worker.close)
+        return worker
 
     # -- metadata -----------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
@@ -157,23 +188,30 @@ class A2ATSAttnBackend(AttentionBackend):
         b, hq, d = forward_batch.batch_size, layer.tp_q_head_num, layer.qk_head_dim
         q3 = q.reshape(b, hq, d)
         lcb = self.layers[layer.layer_id]
-        q_rot = ops.rotated_queries(q3, forward_batch.positions, self.rope, self.distances)
-        lut = ops.lookup_table(q_rot, lcb.centroids, layer.scaling)
+        q_rot = rotated_queries(q3, forward_batch.positions, self.rope, self.distances)
+        lut = lookup_table(q_rot, lcb.centroids, layer.scaling)
         codes = self.codes[layer.layer_id]
         scores = ops.approx_scores(lut, codes, meta.slots, meta.seq_lens, self.bounds, self.config.sinks, self.config.window, self.use_triton)
-        positions = ops.select(scores, meta.seq_lens, self.budget, self.config.sinks, self.config.window, layer.tp_k_head_num)
-        slots = ops.positions_to_slots(positions, meta.slots)
-        out, _ = ops.sparse_attention(
-            q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            slots, layer.scaling, float(getattr(layer, "logit_cap", 0.0) or 0.0), self.use_triton,
-        )
+        fixed, retrieved = selection_masks(scores, meta.seq_lens, self.budget, self.config.sinks, self.config.window, layer.tp_k_head_num)
+        kbuf, vbuf = self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
+        if self.worker is None:
+            slots = ops.positions_to_slots(mask_to_positions(fixed | retrieved), meta.slots)
+            out, _ = ops.sparse_attention(q3, kbuf, vbuf, slots, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
+        else:  # retrieved tokens on the CPU worker, sinks + window here, overlapped, merged by log-sum-exp
+            remote = ops.positions_to_slots(mask_to_positions(retrieved), meta.slots)
+            self.worker.submit(layer.layer_id, q3.float(), remote, layer.scaling, cap)
+            local = ops.positions_to_slots(mask_to_positions(fixed), meta.slots)
+            o_local, lse_local = ops.sparse_attention(q3, kbuf, vbuf, local, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
+            o_remote, lse_remote = self.worker.wait()
+            out, _ = merge_states(o_local, lse_local, o_remote.to(o_local.dtype), lse_remote)
         if layer.layer_id == 0:
-            self._record(positions, meta.seq_lens, layer.tp_k_head_num)
+            self._record(int(fixed.sum() + retrieved.sum()), meta.seq_lens, layer.tp_k_head_num)
         return out.reshape(b, hq * layer.v_head_dim)
 
-    def _record(self, positions: torch.Tensor, seq_lens: torch.Tensor, hkv: int) -> None:
+    def _record(self, attended: int, seq_lens: torch.Tensor, hkv: int) -> None:
         """Count the share of context attended (layer 0); log it every ``log_interval`` batches."""
-        attended, context = int((positions >= 0).sum()), int(seq_lens.sum()) * hkv
+        context = int(seq_lens.sum()) * hkv
         self._stats[0] += 1
         self._stats[1] += attended
         self._stats[2] += context

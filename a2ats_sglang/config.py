@@ -54,7 +54,7 @@ class A2ATSConfig:
         "sinks": "first tokens of every sequence always attended (paper: 8)",
         "window": "most recent tokens always attended (paper: 64)",
         "dense_below": "decode batches whose longest context is below this many tokens use dense attention",
-        "kernel": "sparse decode implementation: auto (Triton on CUDA, torch on CPU), torch, triton",
+        "kernel": "sparse decode implementation: auto (Triton on CUDA, the C++ kernel on CPU), torch (reference), triton",
         "offload": "keep the full KV in shared host memory and attend retrieved tokens in a CPU worker process (--device cpu)",
         "worker_timeout": "seconds before an unanswered CPU worker is replaced",
     }

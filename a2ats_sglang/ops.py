@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from a2ats_sglang import attention, retrieval
-from a2ats_sglang.retrieval import lookup_table, rotated_queries, select  # noqa: F401  (re-exported)
 
 
 def approx_scores(lut, codes_buf, slots, seq_lens, bounds, sinks: int, window: int, use_triton: bool) -> torch.Tensor:
@@ -28,10 +27,14 @@ def positions_to_slots(positions: torch.Tensor, slots: torch.Tensor) -> torch.Te
     return torch.where(positions >= 0, phys, torch.full_like(phys, -1))
 
 
-def sparse_attention(q, k_buf, v_buf, slots, scale: float, logit_cap: float, use_triton: bool):
-    """See :func:`a2ats_sglang.attention.sparse_attention`."""
+def sparse_attention(q, k_buf, v_buf, slots, scale: float, logit_cap: float, use_triton: bool, use_cpu_kernel: bool = False):
+    """See :func:`a2ats_sglang.attention.sparse_attention`. Triton kernel, C++ CPU kernel, or the torch reference."""
     if use_triton:
         from a2ats_sglang.kernels.sparse_decode import sparse_decode_triton
 
         return sparse_decode_triton(q, k_buf, v_buf, slots, scale, logit_cap)
+    if use_cpu_kernel:
+        from a2ats_sglang.kernels.cpu import sparse_attention_cpu
+
+        return sparse_attention_cpu(q, k_buf, v_buf, slots, scale, logit_cap)
     return attention.sparse_attention(q, k_buf, v_buf, slots, scale, logit_cap)

@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 MAGIC, VERSION = b"A2AW", 1
 OP_ATTEND, OP_PING = 1, 2
 OK, ERR = 0, 1
-# magic, version, op, pad, layer, batch, hq, hkv, d, dv, s, scale, seq
-REQUEST = struct.Struct("<4sHBxIIIIIIIdQ")
+# magic, version, op, pad, layer, batch, hq, hkv, d, dv, s, scale, logit cap (0 = none), seq
+REQUEST = struct.Struct("<4sHBxIIIIIIIddQ")
 # magic, version, status, pad, seq
 REPLY = struct.Struct("<4sHBxQ")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +77,7 @@ class ArenaLayout:
 
 # ---------------------------------------------------------------------------- worker side
 def serve(args) -> None:
-    from a2ats_sglang.attention import sparse_attention
+    from a2ats_sglang.kernels.cpu import sparse_attention_cpu
 
     torch.set_num_threads(args.threads)
     kv = KVLayout(args.layers, args.kv_slots, args.kv_heads, args.head_dim, args.v_head_dim, DTYPES[args.dtype])
@@ -98,7 +98,7 @@ def serve(args) -> None:
         try:
             if len(frames) != 1 or len(frames[0]) != REQUEST.size:
                 raise ValueError(f"malformed request: {len(frames)} frame(s), {len(frames[0]) if frames else 0} bytes")
-            magic, version, op, layer, b, hq, hkv, d, dv, s, scale, seq = REQUEST.unpack(frames[0])
+            magic, version, op, layer, b, hq, hkv, d, dv, s, scale, cap, seq = REQUEST.unpack(frames[0])
             if magic != MAGIC or version != VERSION:
                 raise ValueError(f"bad magic/version {magic!r}/{version}")
             if op == OP_PING:
@@ -113,7 +113,7 @@ def serve(args) -> None:
             q, slots, out, lse = arena.views(region, b, s)
             if s and (int(slots.min()) < -1 or int(slots.max()) >= kv.slots):
                 raise ValueError("slot id out of the pool's range")
-            o, l = sparse_attention(q, ks[layer], vs[layer], slots, scale)
+            o, l = sparse_attention_cpu(q, ks[layer], vs[layer], slots, scale, cap)
             out.copy_(o)
             lse.copy_(l)
             sock.send_multipart([REPLY.pack(MAGIC, VERSION, OK, seq)])
@@ -172,7 +172,7 @@ class CPUAttentionWorker:
         self.sock = self._ctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(f"ipc://{ipc}")
-        self._send(OP_PING, 0, 0, 0, 0.0)
+        self._send(OP_PING, 0, 0, 0, 0.0, 0.0)
         self._recv(timeout=max(60.0, self.timeout))  # ready: torch imported, regions mapped
         logger.info("a2ats: CPU attention worker pid %d ready (ipc %s, %d threads)", self.proc.pid, ipc, self.threads)
 
@@ -192,10 +192,11 @@ class CPUAttentionWorker:
         self.restarts += 1
         self._start(arena or self.arena)
 
-    def _send(self, op: int, layer: int, b: int, s: int, scale: float) -> None:
+    def _send(self, op: int, layer: int, b: int, s: int, scale: float, logit_cap: float) -> None:
         self._seq += 1
         a = self.arena
-        self.sock.send(REQUEST.pack(MAGIC, VERSION, op, layer, b, a.q_heads, a.kv_heads, a.head_dim, a.v_head_dim, s, scale, self._seq))
+        self.sock.send(REQUEST.pack(MAGIC, VERSION, op, layer, b, a.q_heads, a.kv_heads, a.head_dim, a.v_head_dim, s, scale,
+                                    logit_cap, self._seq))
 
     def _recv(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -215,7 +216,7 @@ class CPUAttentionWorker:
         if seq != self._seq:
             raise WorkerFailure(f"out-of-order reply from worker (seq {seq}, expected {self._seq})")
 
-    def submit(self, layer: int, q: torch.Tensor, slots: torch.Tensor, scale: float) -> None:
+    def submit(self, layer: int, q: torch.Tensor, slots: torch.Tensor, scale: float, logit_cap: float = 0.0) -> None:
         """q [B, Hq, D]; slots int [B, Hkv, S] (-1 pad). Returns at once; pair with :meth:`wait`."""
         b, s = q.shape[0], slots.shape[2]
         if b > self.arena.batch or s > self.arena.slots:  # grow the arena: a new region, a new worker
@@ -224,18 +225,18 @@ class CPUAttentionWorker:
         qa, sa, _, _ = self.arena.views(self.arena_region, b, s)
         qa.copy_(q)
         sa.copy_(slots)
-        self._pending = (layer, q, slots, scale)
-        self._send(OP_ATTEND, layer, b, s, scale)
+        self._pending = (layer, q, slots, scale, logit_cap)
+        self._send(OP_ATTEND, layer, b, s, scale, logit_cap)
 
     def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (out f32 [B, Hq, Dv], lse f32 [B, Hq]). A dead or hung worker is replaced and the
         request resubmitted once; a second failure raises WorkerFailure."""
-        layer, q, slots, scale = self._pending
+        layer, q, slots, scale, cap = self._pending
         try:
             self._recv(self.timeout)
         except WorkerFailure as e:
             self.restart(reason=str(e))
-            self.submit(layer, q, slots, scale)
+            self.submit(layer, q, slots, scale, cap)
             self._recv(self.timeout)
         self._pending = None
         _, _, out, lse = self.arena.views(self.arena_region, q.shape[0], slots.shape[2])

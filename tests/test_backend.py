@@ -87,7 +87,7 @@ def reference_decode(books, fixture, q, sinks, window, budget):
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", ["torch", "triton", "auto"])  # auto on CPU: the C++ kernel
 def test_sparse_decode_equals_reference_selection(env, page_size, kernel):
     sinks, window = 4, 8
     books = env(4, 2, budget=0.05, min_tokens=4, sinks=sinks, window=window, kernel=kernel)

@@ -62,3 +62,21 @@ def test_merge_kernel_matches_reference():
     got = merge_states_triton(o1.to(DEV), l1.to(DEV), o2.to(DEV), l2.to(DEV))
     torch.testing.assert_close(got[0].cpu(), want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1].cpu(), want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cap", [0.0, 4.0])
+def test_cpu_kernel_matches_reference(dtype, cap):
+    from a2ats_sglang.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no C++ compiler for the CPU kernel")
+    k_buf, v_buf = torch.randn(300, 3, 64).to(dtype), torch.randn(300, 3, 32).to(dtype)
+    q = torch.randn(3, 9, 64)
+    slots = torch.randint(0, 300, (3, 3, 50))
+    slots[0, :, 20:] = -1  # ragged
+    slots[2] = -1  # empty selection
+    want_o, want_l = attention.sparse_attention(q, k_buf, v_buf, slots, 0.2, cap)
+    got_o, got_l = cpu.sparse_attention_cpu(q, k_buf, v_buf, slots, 0.2, cap)
+    torch.testing.assert_close(got_o, want_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_l, want_l, atol=1e-5, rtol=1e-5)

@@ -65,14 +65,14 @@ def test_sees_kv_written_after_start(pool, worker):
 
 def test_malformed_messages_are_rejected_and_the_worker_keeps_serving(pool, worker):
     worker._pending = None
-    for bad in [b"garbage", REQUEST.pack(b"XXXX", VERSION, OP_ATTEND, 0, 1, HQ, HKV, D, D, 1, 1.0, 0)]:
+    for bad in [b"garbage", REQUEST.pack(b"XXXX", VERSION, OP_ATTEND, 0, 1, HQ, HKV, D, D, 1, 1.0, 0.0, 0)]:
         worker.sock.send(bad)
         with pytest.raises(RuntimeError, match="rejected"):
             worker._recv(5.0)
     for fields, msg in [((0, 1, HQ, HKV, D + 1, D, 1), "does not match the pool"), ((7, 1, HQ, HKV, D, D, 1), "does not match"),
                         ((0, 99, HQ, HKV, D, D, 1), "exceeds the arena")]:
         worker._seq += 1
-        worker.sock.send(REQUEST.pack(MAGIC, VERSION, OP_ATTEND, *fields, 1.0, worker._seq))
+        worker.sock.send(REQUEST.pack(MAGIC, VERSION, OP_ATTEND, *fields, 1.0, 0.0, worker._seq))
         with pytest.raises(RuntimeError, match=msg):
             worker._recv(5.0)
     q, slots = request()

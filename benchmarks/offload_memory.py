@@ -1,0 +1,97 @@
+"""Offload mode, measured: device bytes per token against dense KV, how many tokens
+the same device memory holds, and the CPU sparse-attention kernel's bandwidth
+against a copy on the same machine.
+
+    python benchmarks/offload_memory.py [--model-path DIR] [--device-gib 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from a2ats_sglang.attention import sparse_attention
+from a2ats_sglang.codebook import Codebooks, ModelShape, default_codebook_path
+from a2ats_sglang.default_model import build_default_model
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def best_time(fn, repeat=5):
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def copy_bandwidth(nbytes=512 << 20) -> float:
+    """GB/s of torch copy (bytes read + bytes written per second), the machine's streaming reference."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / best_time(lambda: dst.copy_(src)) / 1e9
+
+
+def kernel_bandwidth(shape: ModelShape, batch: int, selected: int, slots: int, dtype) -> float:
+    """GB/s of K and V bytes read by the CPU sparse attention (the worker's kernel)."""
+    hkv, d = shape.num_kv_heads, shape.head_dim
+    k = torch.randn(slots, hkv, d).to(dtype)
+    v = torch.randn(slots, hkv, d).to(dtype)
+    q = torch.randn(batch, shape.num_q_heads, d).float()
+    idx = torch.stack([torch.stack([torch.randperm(slots)[:selected] for _ in range(hkv)]) for _ in range(batch)])
+    read = batch * hkv * selected * 2 * d * k.element_size()
+    return read / best_time(lambda: sparse_attention(q, k, v, idx, d ** -0.5)) / 1e9
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path")
+    ap.add_argument("--device-gib", type=float, default=16.0, help="device memory given to the KV cache")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args(argv)
+    model = Path(args.model_path or build_default_model())
+    books = Codebooks.load(default_codebook_path(model))
+    shape = books.shape
+    rows = []
+    for dtype in ("bfloat16", "float32"):
+        dense = shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim * BYTES[dtype]
+        codes = shape.num_layers * shape.num_kv_heads * 2  # int16 code per (layer, KV head)
+        rows.append({"dtype": dtype, "dense_bytes_per_token": dense, "a2ats_device_bytes_per_token": codes,
+                     "ratio": codes / dense, "tokens_dense": int(args.device_gib * 2**30 / dense),
+                     "tokens_a2ats": int(args.device_gib * 2**30 / codes)})
+    copy = copy_bandwidth()
+    kern = []
+    for batch, selected in ((1, 256), (4, 512), (8, 1024)):
+        kern.append({"batch": batch, "selected_per_kv_head": selected,
+                     "gb_s": kernel_bandwidth(shape, batch, selected, 200_000, torch.float32)})
+    torch_threads = torch.get_num_threads()
+    lines = [f"Model `{model.name}` ({shape.num_layers} layers, {shape.num_kv_heads} KV heads, head dim {shape.head_dim}); "
+             f"{platform.machine()} CPU, {torch_threads} torch threads; {date.today()}.", "",
+             "| KV dtype | dense bytes/token | a2ats device bytes/token (codes) | share of dense | tokens in "
+             f"{args.device_gib:g} GiB, dense | tokens in {args.device_gib:g} GiB, a2ats | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['dense_bytes_per_token']} | {r['a2ats_device_bytes_per_token']} | {100 * r['ratio']:.2f} % | "
+                     f"{r['tokens_dense']:,} | {r['tokens_a2ats']:,} | **{r['tokens_a2ats'] / r['tokens_dense']:.0f}x** |")
+    lines += ["", f"Copy bandwidth (torch copy of 512 MiB, read + write): **{copy:.1f} GB/s**.", "",
+              "| batch | selected tokens per KV head | CPU sparse attention, K+V bytes read | share of copy bandwidth |",
+              "|---|---|---|---|"]
+    for k in kern:
+        lines.append(f"| {k['batch']} | {k['selected_per_kv_head']} | {k['gb_s']:.1f} GB/s | **{100 * k['gb_s'] / copy:.0f} %** |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "offload_memory.md").write_text(table + "\n")
+    (args.out / "offload_memory.json").write_text(json.dumps({"memory": rows, "copy_gb_s": copy, "kernel": kern}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

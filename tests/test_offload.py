@@ -1,0 +1,105 @@
+"""Offload mode end to end: full KV in a shared host pool, retrieved tokens attended
+by the CPU worker process, sinks + window by the backend, merged by log-sum-exp."""
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+import requests
+from conftest import SERVER_ARGS
+
+from a2ats_sglang.server import launch_server
+from a2ats_sglang.texts import long_text
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def offload(default_model_dir):
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-offload", "--a2ats-worker-timeout", "10"]) as srv:
+        yield srv
+
+
+def gen(srv, text, n=12, **kw):
+    r = requests.post(srv.url + "/generate", json={"text": text, "sampling_params": {"max_new_tokens": n, "temperature": 0, **kw}}, timeout=600)
+    r.raise_for_status()
+    return r.json()
+
+
+def worker_pids(srv):
+    return [int(p) for p in re.findall(r"CPU attention worker pid (\d+) ready", srv.log())]
+
+
+def test_offload_gives_the_same_tokens_as_on_device(offload, a2ats):
+    for i in range(2):
+        prompt = long_text(6000, offset=100 * i) + "\n\nIn one sentence, the text above is about"
+        got, want = gen(offload, prompt, 16), gen(a2ats, prompt, 16)
+        assert got["meta_info"]["prompt_tokens"] > 1000
+        assert got["text"] == want["text"]
+    assert re.search(r"a2ats decode batch: .* attended [\d.]+% of context", offload.log())
+
+
+def test_branches_of_one_prefix_share_one_host_copy(offload):
+    prefix = long_text(3000, offset=300)
+    a = gen(offload, prefix + "\n\nQuestion one: what is the first subject?")
+    b = gen(offload, prefix + "\n\nQuestion two: what is the last subject?")
+    # The second branch found the prefix's slots (so its host KV) in the radix tree, not a copy.
+    assert b["meta_info"]["cached_tokens"] >= a["meta_info"]["prompt_tokens"] - 20, b["meta_info"]
+
+
+def test_killing_the_worker_mid_stream_leaves_the_server_answering(offload):
+    before = worker_pids(offload)[-1]
+    prompt = long_text(5000, offset=500) + "\n\nWrite a long summary:"
+    chunks = []
+
+    def stream():
+        with requests.post(offload.url + "/generate", json={"text": prompt, "stream": True, "sampling_params": {
+                "max_new_tokens": 40, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.time() + 300
+    while len(chunks) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(before, signal.SIGKILL)
+    t.join(600)
+    assert chunks and chunks[-1]["meta_info"]["completion_tokens"] == 40
+    assert "restarting CPU attention worker pid %d" % before in offload.log()
+    after = worker_pids(offload)[-1]
+    assert after != before
+    os.kill(after, 0)  # the new worker is alive
+    assert gen(offload, prompt, 4)["meta_info"]["completion_tokens"] == 4
+
+
+def test_dozens_of_concurrent_multi_turn_sessions(offload):
+    doc = long_text(1200, offset=800)
+
+    def session(i):
+        msgs = [{"role": "system", "content": doc}, {"role": "user", "content": f"Give me the number {i}."}]
+        for _ in range(2):
+            r = requests.post(offload.url + "/v1/chat/completions", json={"model": "default", "messages": msgs, "temperature": 0,
+                                                                          "max_tokens": 6}, timeout=600)
+            r.raise_for_status()
+            msgs += [r.json()["choices"][0]["message"], {"role": "user", "content": "And again?"}]
+        return True
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        assert all(pool.map(session, range(24)))
+
+
+def test_host_pool_full_evicts_instead_of_failing(default_model_dir):
+    """A pool too small for all prompts: the radix cache evicts finished prefixes, every request completes."""
+    args = ["--max-total-tokens", "3000", "--a2ats-offload", "--decode-log-interval", "1"]
+    with launch_server(default_model_dir, "a2ats", args) as srv:
+        for i in range(4):
+            out = gen(srv, long_text(4000, offset=1000 + 50 * i) + "\n\nSummary:", 4)
+            assert out["meta_info"]["prompt_tokens"] > 800
+        assert "Traceback" not in srv.log()
