@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 from dataclasses import dataclass
+
 import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -25,6 +26,7 @@ from a2ats_sglang.codebook import Codebooks, LayerCodebook, ModelShape, default_
 from a2ats_sglang.config import A2ATSConfig
 from a2ats_sglang.retrieval import distance_bounds, lookup_table, mask_to_positions, rotated_queries, selection_masks
 from a2ats_sglang.rope import RopeSpec
+from a2ats_sglang.worker import WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,26 @@ def _cpu_kernel_available() -> bool:
     from a2ats_sglang.kernels.cpu import available
 
     return available()
+
+
+def _tensor_parallel() -> tuple[int, int]:
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        p = get_parallel()
+        return int(p.tp_rank), int(p.tp_size)
+    except Exception:  # outside a server (unit tests)
+        return 0, 1
+
+
+def local_kv_heads(num_kv_heads: int, tp_rank: int, tp_size: int) -> slice:
+    """The KV heads a tensor-parallel rank holds, as SGLang splits them: a contiguous
+    share when there are at least as many heads as ranks, else one replicated head."""
+    if num_kv_heads >= tp_size:
+        n = num_kv_heads // tp_size
+        return slice(tp_rank * n, (tp_rank + 1) * n)
+    head = tp_rank * num_kv_heads // tp_size
+    return slice(head, head + 1)
 
 
 def _decode_log_interval() -> int:
@@ -96,10 +118,9 @@ class A2ATSAttnBackend(AttentionBackend):
         self.bounds = distance_bounds(books.distances).to(self.device)
         self.budget = self.config.budget_policy
 
-        tp_rank, tp_size = getattr(model_runner, "tp_rank", 0), getattr(model_runner, "tp_size", 1)
-        hkv_local = max(1, shape.num_kv_heads // tp_size)
-        first = (tp_rank * shape.num_kv_heads) // tp_size if shape.num_kv_heads >= tp_size else tp_rank * shape.num_kv_heads // tp_size
-        heads = slice(first, first + hkv_local)
+        tp_rank, tp_size = _tensor_parallel()
+        heads = local_kv_heads(shape.num_kv_heads, tp_rank, tp_size)
+        hkv_local = heads.stop - heads.start
         self.layers = {
             li: LayerCodebook.build(books.centroids[li, heads], books.whiten[li, heads], self.device)
             for li in range(shape.num_layers)
@@ -137,6 +158,14 @@ class A2ATSAttnBackend(AttentionBackend):
         )
         atexit.register(worker.close)
         return worker
+
+    def _replace_worker(self) -> None:
+        try:
+            self.worker.restart(reason="repeated failure")
+        except Exception as e:  # cannot start one: serve without offload workers from now on
+            logger.error("a2ats: cannot restart the CPU worker (%s); retrieved tokens are attended in the scheduler", e)
+            self.worker.close()
+            self.worker = None
 
     # -- metadata -----------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
@@ -203,7 +232,12 @@ class A2ATSAttnBackend(AttentionBackend):
             self.worker.submit(layer.layer_id, q3.float(), remote, layer.scaling, cap)
             local = ops.positions_to_slots(mask_to_positions(fixed), meta.slots)
             o_local, lse_local = ops.sparse_attention(q3, kbuf, vbuf, local, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
-            o_remote, lse_remote = self.worker.wait()
+            try:
+                o_remote, lse_remote = self.worker.wait()
+            except WorkerFailure as e:  # failed twice in a row: keep serving, attend here, start afresh
+                logger.error("a2ats: CPU worker failed again (%s); attending this layer in the scheduler", e)
+                o_remote, lse_remote = ops.sparse_attention(q3, kbuf, vbuf, remote, layer.scaling, cap, False, self.use_cpu_kernel)
+                self._replace_worker()
             out, _ = merge_states(o_local, lse_local, o_remote.to(o_local.dtype), lse_remote)
         if layer.layer_id == 0:
             self._record(int(fixed.sum() + retrieved.sum()), meta.seq_lens, layer.tp_k_head_num)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from a2ats_sglang import retrieval
-from a2ats_sglang.calibrate import collect, fit
+from a2ats_sglang.calibrate import FitSettings, collect, fit
 from a2ats_sglang.capture import load_hf_model, run_documents
 from a2ats_sglang.codebook import LayerCodebook
 from a2ats_sglang.default_model import build_default_model
@@ -123,11 +123,13 @@ def main(argv=None):
     model_path = args.model_path or build_default_model()
     quiet = lambda *a, **k: None  # noqa: E731
     data = collect(model_path, tokens=args.calib_tokens, log=quiet)
-    kw = dict(num_codes=args.num_codes, sinks=args.sinks, window=args.window, max_iters=args.max_iters, log=quiet)
+    def settings(distances):
+        return FitSettings(args.num_codes, distances, args.sinks, args.window, max_iters=args.max_iters)
+
     books = {
-        "qavq_b": fit(data, distances=(2048,), **kw)[0],
-        "plain": fit(data, distances=(2048,), query_aware=False, **kw)[0],
-        **{f"qavq_ms{n}": fit(data, distances=retrieval.wrope_distances(n), **kw)[0] for n in (2, 4, 8)},
+        "qavq_b": fit(data, settings((2048,)), log=quiet)[0],
+        "plain": fit(data, settings((2048,)), query_aware=False, log=quiet)[0],
+        **{f"qavq_ms{n}": fit(data, settings(retrieval.wrope_distances(n)), log=quiet)[0] for n in (2, 4, 8)},
     }
     print(f"[bench] calibrated {len(books)} codebook variants in {time.time() - t0:.0f}s", flush=True)
     model, tok, shape, rope = load_hf_model(model_path)
@@ -164,6 +166,7 @@ def main(argv=None):
                 "WRoPE b=2048 + plain VQ": vq(books["plain"], (2048,), li),
                 **{f"multi-scale x{n}, unquantized": unq(retrieval.wrope_distances(n)) for n in (2, 4, 8)},
                 **{f"multi-scale x{n} + query-aware VQ": vq(books[f"qavq_ms{n}"], retrieval.wrope_distances(n), li) for n in (2, 4, 8)},
+                "multi-scale x8 + plain VQ": vq(books["plain"], ms8, li),
                 "multi-scale x8 + query-aware VQ fitted at b only": vq(books["qavq_b"], ms8, li),
                 "Quest page bounds (page 16)": lambda c: quest_scores(c["q_post"], c["k_post"], c["seq_lens"], 16, c["group"]),
             }

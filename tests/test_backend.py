@@ -130,3 +130,10 @@ def test_bad_config_is_rejected(env):
                                   num_kv_heads=2, page_size=1, prefix_lens=(3,))
     with pytest.raises(ValueError, match="budget ratio must be in"):
         kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
+
+
+def test_tensor_parallel_kv_head_split():
+    from a2ats_sglang.backend import local_kv_heads
+
+    assert [local_kv_heads(8, r, 4) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert [local_kv_heads(2, r, 4) for r in range(4)] == [slice(0, 1), slice(0, 1), slice(1, 2), slice(1, 2)]

@@ -1,15 +1,17 @@
 import pytest
 
-from a2ats_sglang.calibrate import calibrate, main
+from a2ats_sglang.calibrate import FitSettings, calibrate, main
 from a2ats_sglang.codebook import Codebooks, ModelShape
 from a2ats_sglang.capture import load_hf_model
 
-TINY = dict(tokens=1024, doc_tokens=256, num_codes=16, max_iters=5, queries_per_head=256, window=16, sinks=4)
+FIT = dict(num_codes=16, max_iters=5, queries_per_head=256, window=16, sinks=4)
+TINY = dict(tokens=1024, doc_tokens=256, settings=FitSettings(**FIT))
 
 
 def test_calibrate_writes_codebooks_that_validate_against_the_model(default_model_dir, tmp_path):
     out = tmp_path / "cb.safetensors"
-    books, report = calibrate(default_model_dir, out, distances=(96, 768, 6144), log=lambda *a: None, **TINY)
+    settings = FitSettings(**FIT, distances=(96, 768, 6144))
+    books, report = calibrate(default_model_dir, out, tokens=1024, doc_tokens=256, settings=settings, log=lambda *a: None)
     loaded = Codebooks.load(out)
     _, _, shape, rope = load_hf_model(default_model_dir)
     loaded.validate(shape, rope)
