@@ -2,9 +2,9 @@
 both served for real by SGLang in the same run, on the same machine.
 
 For each context length and batch size: B requests share a long prefix (cached
-in the radix tree after a warm-up) and differ in their last tokens; decode time
-is the time for 1 + N output tokens minus the time for 1 (prefill of the tail and
-the first token), divided by N.
+in the radix tree after a warm-up) and differ in their last tokens; they are
+streamed at once, and time per output token is each request's time from its first
+to its last streamed token over the tokens in between (pure decode; median request).
 
     python benchmarks/decode_throughput.py [--lengths 1024 4096 8192 16384] [--batches 1 4]
         [--dense torch_native]   (on a GPU: --dense flashinfer)
@@ -30,18 +30,26 @@ from a2ats_sglang.texts import long_text
 TAIL = 8
 
 
-def run_batch(url, prompts, max_new_tokens):
+def decode_timing(url, prompts, max_new_tokens):
+    """Stream B requests at once; per request the time between its first and last
+    streamed token is pure decode. -> (ms per output token, output tokens/s of the batch)."""
     def one(ids):
-        r = requests.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
-            "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}, timeout=3600)
-        r.raise_for_status()
-        return r.json()
+        times = []
+        with requests.post(url + "/generate", json={"input_ids": ids, "stream": True, "sampling_params": {
+                "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=3600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    n = json.loads(line[6:])["meta_info"]["completion_tokens"]
+                    times.append((n, time.perf_counter()))
+        (n0, t0), (n1, t1) = times[0], times[-1]
+        assert n1 == max_new_tokens and n1 > n0
+        return (t1 - t0) / (n1 - n0)
 
-    t = time.perf_counter()
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
-        outs = list(pool.map(one, prompts))
-    assert all(o["meta_info"]["completion_tokens"] == max_new_tokens for o in outs)
-    return time.perf_counter() - t
+        per_token = sorted(pool.map(one, prompts))
+    tpot = per_token[len(per_token) // 2]  # median request
+    return 1000 * tpot, len(prompts) / tpot
 
 
 def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):
@@ -55,11 +63,9 @@ def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):
             prefix = base_ids[: length - TAIL]
             for b in batches:
                 prompts = [prefix + [(1000 + 37 * i + j) % 40000 + 100 for j in range(TAIL)] for i in range(b)]
-                run_batch(srv.url, prompts, 1)  # warm-up: prefix into the radix cache
-                t1 = run_batch(srv.url, prompts, 1)
-                tn = run_batch(srv.url, prompts, 1 + new_tokens)
-                dt = max(tn - t1, 1e-9)
-                rows.append({"length": length, "batch": b, "tpot_ms": 1000 * dt / new_tokens, "tok_s": b * new_tokens / dt})
+                decode_timing(srv.url, prompts[:1], 2)  # warm-up: the shared prefix into the radix cache
+                tpot_ms, tok_s = decode_timing(srv.url, prompts, 1 + new_tokens)
+                rows.append({"length": length, "batch": b, "tpot_ms": tpot_ms, "tok_s": tok_s})
                 print(f"[{backend}] ctx {length:6d} batch {b}: {rows[-1]['tpot_ms']:8.1f} ms/token, {rows[-1]['tok_s']:7.2f} tok/s", flush=True)
         shares = [float(x) for x in re.findall(r"attended ([\d.]+)% of context \(", srv.log())]
     return rows, shares

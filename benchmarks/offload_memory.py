@@ -19,6 +19,7 @@ import torch
 from a2ats_sglang.attention import sparse_attention
 from a2ats_sglang.codebook import Codebooks, ModelShape, default_codebook_path
 from a2ats_sglang.default_model import build_default_model
+from a2ats_sglang.kernels.cpu import sparse_attention_cpu
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -40,15 +41,18 @@ def copy_bandwidth(nbytes=512 << 20) -> float:
     return 2 * nbytes / best_time(lambda: dst.copy_(src)) / 1e9
 
 
-def kernel_bandwidth(shape: ModelShape, batch: int, selected: int, slots: int, dtype) -> float:
-    """GB/s of K and V bytes read by the CPU sparse attention (the worker's kernel)."""
+def kernel_bandwidth(fn, shape: ModelShape, batch: int, selected: int, context: int, dtype) -> float:
+    """GB/s of K and V bytes read by a sparse attention ``fn``: each request owns a
+    contiguous run of ``context`` slots (as SGLang allocates a prefill) and selects
+    ``selected`` random positions of it per KV head, in ascending order (as served)."""
     hkv, d = shape.num_kv_heads, shape.head_dim
-    k = torch.randn(slots, hkv, d).to(dtype)
-    v = torch.randn(slots, hkv, d).to(dtype)
+    k = torch.randn(batch * context, hkv, d).to(dtype)
+    v = torch.randn(batch * context, hkv, d).to(dtype)
     q = torch.randn(batch, shape.num_q_heads, d).float()
-    idx = torch.stack([torch.stack([torch.randperm(slots)[:selected] for _ in range(hkv)]) for _ in range(batch)])
+    idx = torch.stack([torch.stack([torch.randperm(context)[:selected].sort().values + b * context for _ in range(hkv)])
+                       for b in range(batch)])
     read = batch * hkv * selected * 2 * d * k.element_size()
-    return read / best_time(lambda: sparse_attention(q, k, v, idx, d ** -0.5)) / 1e9
+    return read / best_time(lambda: fn(q, k, v, idx, d ** -0.5)) / 1e9
 
 
 def main(argv=None):
@@ -69,9 +73,11 @@ def main(argv=None):
                      "tokens_a2ats": int(args.device_gib * 2**30 / codes)})
     copy = copy_bandwidth()
     kern = []
-    for batch, selected in ((1, 256), (4, 512), (8, 1024)):
-        kern.append({"batch": batch, "selected_per_kv_head": selected,
-                     "gb_s": kernel_bandwidth(shape, batch, selected, 200_000, torch.float32)})
+    for batch, context in ((1, 16384), (4, 16384), (8, 32768)):
+        selected = context * 3 // 100 * (shape.num_q_heads // shape.num_kv_heads)  # 3 % per query head, GQA union
+        kern.append({"batch": batch, "context": context, "selected_per_kv_head": selected,
+                     "cpp_gb_s": kernel_bandwidth(sparse_attention_cpu, shape, batch, selected, context, torch.float32),
+                     "torch_gb_s": kernel_bandwidth(sparse_attention, shape, batch, selected, context, torch.float32)})
     torch_threads = torch.get_num_threads()
     lines = [f"Model `{model.name}` ({shape.num_layers} layers, {shape.num_kv_heads} KV heads, head dim {shape.head_dim}); "
              f"{platform.machine()} CPU, {torch_threads} torch threads; {date.today()}.", "",
@@ -82,10 +88,11 @@ def main(argv=None):
         lines.append(f"| {r['dtype']} | {r['dense_bytes_per_token']} | {r['a2ats_device_bytes_per_token']} | {100 * r['ratio']:.2f} % | "
                      f"{r['tokens_dense']:,} | {r['tokens_a2ats']:,} | **{r['tokens_a2ats'] / r['tokens_dense']:.0f}x** |")
     lines += ["", f"Copy bandwidth (torch copy of 512 MiB, read + write): **{copy:.1f} GB/s**.", "",
-              "| batch | selected tokens per KV head | CPU sparse attention, K+V bytes read | share of copy bandwidth |",
-              "|---|---|---|---|"]
+              "| batch | context | selected per KV head | C++ kernel, K+V read | share of copy | torch reference | share of copy |",
+              "|---|---|---|---|---|---|---|"]
     for k in kern:
-        lines.append(f"| {k['batch']} | {k['selected_per_kv_head']} | {k['gb_s']:.1f} GB/s | **{100 * k['gb_s'] / copy:.0f} %** |")
+        lines.append(f"| {k['batch']} | {k['context']} | {k['selected_per_kv_head']} | {k['cpp_gb_s']:.1f} GB/s | "
+                     f"**{100 * k['cpp_gb_s'] / copy:.0f} %** | {k['torch_gb_s']:.1f} GB/s | {100 * k['torch_gb_s'] / copy:.0f} % |")
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

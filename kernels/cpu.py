@@ -1,4 +1,4 @@
-"""The CPU sparse-attention kernel (C++, built on first use with torch's extension
+"""The CPU sparse-attention kernel (C++, built on first use, for this machine's CPU, with torch's extension
 builder and cached in ~/.cache/torch_extensions). If no compiler is available the
 torch reference is used and a warning logged."""
 
@@ -19,7 +19,7 @@ def _extension():
         from torch.utils.cpp_extension import load
 
         return load(name="a2ats_cpu_sparse_attention", sources=[str(Path(__file__).with_name("cpu_sparse_attention.cpp"))],
-                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler / headers: stay correct, just slower
         logger.warning("a2ats: CPU attention kernel unavailable (%s); using the torch reference", e)
         return None

@@ -31,7 +31,12 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       const int64_t* sl = slots + bh * S;
+      constexpr int64_t kAhead = 8;  // rows are scattered: prefetch a few ahead to hide memory latency
       for (int64_t j = 0; j < S; ++j) {
+        if (j + kAhead < S && sl[j + kAhead] >= 0) {
+          __builtin_prefetch(k + sl[j + kAhead] * ksn + h * ksh);
+          __builtin_prefetch(v + sl[j + kAhead] * vsn + h * vsh);
+        }
         const int64_t slot = sl[j];
         if (slot < 0) continue;
         const T* kp = k + slot * ksn + h * ksh;
