@@ -24,7 +24,7 @@ def sparse_attention(
     q: [B, Hq, D]; k_buf: [N, Hkv, D]; v_buf: [N, Hkv, Dv]; slots: int [B, Hkv, S]
     physical slot ids, -1 = padding. -> (out [B, Hq, Dv] in q.dtype, lse f32 [B, Hq])."""
     b, hq, d = q.shape
-    hkv, s = slots.shape[1], slots.shape[2]
+    hkv = slots.shape[1]
     g = hq // hkv
     valid = slots >= 0
     sl = slots.clamp_min(0).long()

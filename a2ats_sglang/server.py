@@ -5,7 +5,7 @@ benchmarks and end-to-end tests).
         requests.post(srv.url + "/generate", ...)
 
 On a machine without CUDA it runs with ``--device cpu`` through the project's
-opt-in platform (``SGLANG_PLATFORM=a2ats_cpu``) in float32.
+opt-in platform (``SGLANG_PLATFORM=a2ats_cpu``) in float32, sleeping when idle.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def server_command(model_path, backend: str, port: int, extra_args=()) -> list[s
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
            "--attention-backend", backend, "--host", "127.0.0.1", "--port", str(port)]
     if on_cpu():
-        cmd += ["--device", "cpu", "--dtype", "float32"]
+        # Idle schedulers otherwise poll at full speed, taking cores from busy ones.
+        cmd += ["--device", "cpu", "--dtype", "float32", "--sleep-on-idle"]
     return cmd + [str(a) for a in extra_args]
 
 
@@ -107,6 +108,25 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def decode_ms_per_token(url: str, prompt, max_new_tokens: int) -> float:
+    """Stream one request (``prompt``: text or token ids) and time its decode alone:
+    (time of the last streamed token - time of the first) / tokens in between, in ms."""
+    import json
+
+    key = "text" if isinstance(prompt, str) else "input_ids"
+    marks = []
+    with requests.post(url + "/generate", json={key: prompt, "stream": True, "sampling_params": {
+            "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=3600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                marks.append((json.loads(line[6:])["meta_info"]["completion_tokens"], time.perf_counter()))
+    (n0, t0), (n1, t1) = marks[0], marks[-1]
+    if n1 <= n0:
+        raise RuntimeError(f"need at least 2 streamed tokens to time decode, got {marks}")
+    return 1000 * (t1 - t0) / (n1 - n0)
 
 
 def run_server_expecting_failure(model_path, backend: str, extra_args=(), env: dict | None = None, timeout: float = 300.0):

@@ -21,35 +21,19 @@ import time
 from datetime import date
 from pathlib import Path
 
-import requests
-
 from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
-from a2ats_sglang.server import launch_server, on_cpu
+from a2ats_sglang.server import decode_ms_per_token, launch_server, on_cpu
 from a2ats_sglang.texts import long_text
 
 TAIL = 8
 
 
 def decode_timing(url, prompts, max_new_tokens):
-    """Stream B requests at once; per request the time between its first and last
-    streamed token is pure decode. -> (ms per output token, output tokens/s of the batch)."""
-    def one(ids):
-        times = []
-        with requests.post(url + "/generate", json={"input_ids": ids, "stream": True, "sampling_params": {
-                "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=3600) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if line.startswith(b"data: ") and line != b"data: [DONE]":
-                    n = json.loads(line[6:])["meta_info"]["completion_tokens"]
-                    times.append((n, time.perf_counter()))
-        (n0, t0), (n1, t1) = times[0], times[-1]
-        assert n1 == max_new_tokens and n1 > n0
-        return (t1 - t0) / (n1 - n0)
-
+    """Stream B requests at once. -> (ms per output token of the median request, output tokens/s of the batch)."""
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
-        per_token = sorted(pool.map(one, prompts))
-    tpot = per_token[len(per_token) // 2]  # median request
-    return 1000 * tpot, len(prompts) / tpot
+        per_token = sorted(pool.map(lambda ids: decode_ms_per_token(url, ids, max_new_tokens), prompts))
+    tpot = per_token[len(per_token) // 2]
+    return tpot, 1000 * len(prompts) / tpot
 
 
 def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import requests
 
+from a2ats_sglang.server import decode_ms_per_token
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import server_url  # noqa: E402
 
@@ -31,17 +33,6 @@ def ask(url: str, doc: str, role: str, max_new_tokens: int) -> dict:
     r.raise_for_status()
     out = r.json()
     return {"answer": out["text"].strip(), "latency_s": time.perf_counter() - t, **{k: out["meta_info"][k] for k in ("prompt_tokens", "completion_tokens")}}
-
-
-def decode_tpot(url: str, doc: str, n: int = 16) -> float:
-    """ms per output token with the document cached: (time for 1 + n tokens - time for 1) / n."""
-    def t(k):
-        s = time.perf_counter()
-        requests.post(url + "/generate", json={"text": doc, "sampling_params": {"max_new_tokens": k, "temperature": 0, "ignore_eos": True}}, timeout=900).raise_for_status()
-        return time.perf_counter() - s
-
-    t(1)
-    return 1000 * (t(1 + n) - t(1)) / n
 
 
 def run(a2ats_url: str, dense_url: str, doc_chars: int, questions: int, a2ats_log=None) -> list[dict]:
@@ -63,7 +54,7 @@ def run(a2ats_url: str, dense_url: str, doc_chars: int, questions: int, a2ats_lo
               f"  a2ats: {row['a2ats']!r} ({'right' if row['a2ats_right'] else 'wrong'})\n"
               f"  dense: {row['dense']!r} ({'right' if row['dense_right'] else 'wrong'})", flush=True)
     doc = long_text(doc_chars)
-    tp = {key: decode_tpot(url, doc) for key, url in (("a2ats", a2ats_url), ("dense", dense_url))}
+    tp = {key: decode_ms_per_token(url, doc, 16) for key, url in (("a2ats", a2ats_url), ("dense", dense_url))}
     print(f"time per output token at {rows[0]['prompt_tokens']} tokens: a2ats {tp['a2ats']:.1f} ms, dense {tp['dense']:.1f} ms")
     if a2ats_log is not None:
         shares = re.findall(r"attended ([\d.]+)% of context \(", a2ats_log())

@@ -47,11 +47,11 @@ def classify(s, sentence):
 
 @sgl.function
 def pros_and_cons(s, topic):
-    s += f"Topic: {topic}\n"
+    s += f"Topic: {topic}.\n"
     forks = s.fork(2)
     for f, side in zip(forks, ("advantage", "disadvantage")):
-        f += f"One {side} of it, in one short sentence: " + sgl.gen("point", max_tokens=24, stop="\n")
-    s += "Advantage: " + forks[0]["point"] + "\nDisadvantage: " + forks[1]["point"] + "\n"
+        f += f"The main {side} of {topic} is that" + sgl.gen("point", max_tokens=24, stop=["\n", "."])
+    s += "Advantage: " + forks[0]["point"].strip() + "\nDisadvantage: " + forks[1]["point"].strip() + "\n"
 
 
 def run(url: str) -> dict:

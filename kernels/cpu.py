@@ -8,8 +8,6 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from a2ats_sglang.attention import sparse_attention
 from a2ats_sglang.shared_memory import KVLayout, SharedRegion
-from a2ats_sglang.worker import MAGIC, OP_ATTEND, REQUEST, VERSION, CPUAttentionWorker, WorkerFailure
+from a2ats_sglang.worker import MAGIC, OP_ATTEND, REQUEST, VERSION, CPUAttentionWorker
 
 HQ, HKV, D = 6, 2, 16
 
