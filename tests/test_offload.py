@@ -99,7 +99,7 @@ def test_host_pool_full_evicts_instead_of_failing(default_model_dir):
     """A pool too small for all prompts: the radix cache evicts finished prefixes, every request completes."""
     args = ["--max-total-tokens", "2000", "--a2ats-offload", "--decode-log-interval", "1", "--enable-cache-report"]
     with launch_server(default_model_dir, "a2ats", args) as srv:
-        prompts = [long_text(3000, offset=1000 + 50 * i) + "\n\nSummary:" for i in range(3)]
+        prompts = [long_text(3000, offset=1000 + 50 * i) + "\n\nSummary:" for i in range(5)]
         for p in prompts:  # together they need more slots than the pool has
             assert gen(srv, p, 4)["meta_info"]["prompt_tokens"] > 600
         again = gen(srv, prompts[0], 4)  # its prefix was evicted to make room: recomputed, still right
