@@ -12,6 +12,7 @@ import time
 import pytest
 import requests
 from conftest import SERVER_ARGS
+from test_server import generate
 
 from a2ats_sglang.server import launch_server
 from a2ats_sglang.texts import long_text
@@ -25,12 +26,6 @@ def offload(default_model_dir):
         yield srv
 
 
-def gen(srv, text, n=12, **kw):
-    r = requests.post(srv.url + "/generate", json={"text": text, "sampling_params": {"max_new_tokens": n, "temperature": 0, **kw}}, timeout=600)
-    r.raise_for_status()
-    return r.json()
-
-
 def worker_pids(srv):
     return [int(p) for p in re.findall(r"CPU attention worker pid (\d+) ready", srv.log())]
 
@@ -38,7 +33,7 @@ def worker_pids(srv):
 def test_offload_gives_the_same_tokens_as_on_device(offload, a2ats):
     for i in range(2):
         prompt = long_text(6000, offset=100 * i) + "\n\nIn one sentence, the text above is about"
-        got, want = gen(offload, prompt, 16), gen(a2ats, prompt, 16)
+        got, want = generate(offload, prompt, 16), generate(a2ats, prompt, 16)
         assert got["meta_info"]["prompt_tokens"] > 1000
         assert got["text"] == want["text"]
     assert re.search(r"a2ats decode batch: .* attended [\d.]+% of context", offload.log())
@@ -46,8 +41,8 @@ def test_offload_gives_the_same_tokens_as_on_device(offload, a2ats):
 
 def test_branches_of_one_prefix_share_one_host_copy(offload):
     prefix = long_text(3000, offset=300)
-    a = gen(offload, prefix + "\n\nQuestion one: what is the first subject?")
-    b = gen(offload, prefix + "\n\nQuestion two: what is the last subject?")
+    a = generate(offload, prefix + "\n\nQuestion one: what is the first subject?", 12)
+    b = generate(offload, prefix + "\n\nQuestion two: what is the last subject?", 12)
     # The second branch found the prefix's slots (so its host KV) in the radix tree, not a copy.
     assert b["meta_info"]["cached_tokens"] >= a["meta_info"]["prompt_tokens"] - 20, b["meta_info"]
 
@@ -76,7 +71,7 @@ def test_killing_the_worker_mid_stream_leaves_the_server_answering(offload):
     after = worker_pids(offload)[-1]
     assert after != before
     os.kill(after, 0)  # the new worker is alive
-    assert gen(offload, prompt, 4)["meta_info"]["completion_tokens"] == 4
+    assert generate(offload, prompt, 4)["meta_info"]["completion_tokens"] == 4
 
 
 def test_dozens_of_concurrent_multi_turn_sessions(offload):
@@ -101,7 +96,7 @@ def test_host_pool_full_evicts_instead_of_failing(default_model_dir):
     with launch_server(default_model_dir, "a2ats", args) as srv:
         prompts = [long_text(3000, offset=1000 + 50 * i) + "\n\nSummary:" for i in range(5)]
         for p in prompts:  # together they need more slots than the pool has
-            assert gen(srv, p, 4)["meta_info"]["prompt_tokens"] > 600
-        again = gen(srv, prompts[0], 4)  # its prefix was evicted to make room: recomputed, still right
+            assert generate(srv, p, 4)["meta_info"]["prompt_tokens"] > 600
+        again = generate(srv, prompts[0], 4)  # its prefix was evicted to make room: recomputed, still right
         assert again["meta_info"]["cached_tokens"] < again["meta_info"]["prompt_tokens"] // 2
         assert "Traceback" not in srv.log()
