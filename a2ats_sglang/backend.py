@@ -24,7 +24,7 @@ from a2ats_sglang import ops
 from a2ats_sglang.attention import merge_states
 from a2ats_sglang.codebook import Codebooks, LayerCodebook, ModelShape, default_codebook_path
 from a2ats_sglang.config import A2ATSConfig
-from a2ats_sglang.retrieval import distance_bounds, lookup_table, mask_to_positions, rotated_queries, selection_masks
+from a2ats_sglang.retrieval import SelectionPlan, distance_bounds
 from a2ats_sglang.rope import RopeSpec
 from a2ats_sglang.worker import WorkerFailure
 
@@ -34,11 +34,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DecodeMetadata:
     """Per decode batch: seq_lens int64 [B]; slots int64 [B, L] physical slot of each
-    position (0 past the end); sparse: False when every request fits its budget."""
+    position (0 past the end); plan: the layer-independent part of the selection, None
+    when every request fits its budget (dense decode)."""
 
     seq_lens: torch.Tensor
-    slots: torch.Tensor
-    sparse: bool
+    slots: torch.Tensor | None
+    plan: SelectionPlan | None
+
+    @property
+    def sparse(self) -> bool:
+        return self.plan is not None
 
 
 def _find_rotary(model, layer_id: int):
@@ -113,8 +118,8 @@ class A2ATSAttnBackend(AttentionBackend):
         rotary = _find_rotary(model_runner.model, 0)
         rope = RopeSpec.from_sglang(rotary) if rotary is not None else None
         books.validate(shape, rope, source=f"codebooks {path}")
-        self.rope = rope or books.rope
-        self.distances = books.distances
+        self.rope = (rope or books.rope).to(self.device)
+        self.distances = torch.tensor(books.distances, dtype=torch.float32, device=self.device)
         self.bounds = distance_bounds(books.distances).to(self.device)
         self.budget = self.config.budget_policy
 
@@ -178,12 +183,13 @@ class A2ATSAttnBackend(AttentionBackend):
         k = self.budget.tokens(forward_batch.seq_lens_cpu.to(torch.int64))
         fits = bool(((k + self.config.sinks + self.config.window) >= forward_batch.seq_lens_cpu).all())
         sparse = not fits and longest >= self.config.dense_below
-        slots = None
+        slots = plan = None
         if sparse:
             rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :longest].to(torch.int64)
             pos = torch.arange(longest, device=rows.device)
             slots = torch.where(pos < seq_lens.view(-1, 1), rows, torch.zeros_like(rows))
-        self.forward_metadata = DecodeMetadata(seq_lens, slots, sparse)
+            plan = SelectionPlan.build(forward_batch.seq_lens_cpu, self.budget, self.config.sinks, self.config.window, self.device)
+        self.forward_metadata = DecodeMetadata(seq_lens, slots, plan)
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.dense.get_cuda_graph_seq_len_fill_value()
@@ -216,21 +222,19 @@ class A2ATSAttnBackend(AttentionBackend):
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         b, hq, d = forward_batch.batch_size, layer.tp_q_head_num, layer.qk_head_dim
         q3 = q.reshape(b, hq, d)
-        lcb = self.layers[layer.layer_id]
-        q_rot = rotated_queries(q3, forward_batch.positions, self.rope, self.distances)
-        lut = lookup_table(q_rot, lcb.centroids, layer.scaling)
-        codes = self.codes[layer.layer_id]
-        scores = ops.approx_scores(lut, codes, meta.slots, meta.seq_lens, self.bounds, self.config.sinks, self.config.window, self.use_triton)
-        fixed, retrieved = selection_masks(scores, meta.seq_lens, self.budget, self.config.sinks, self.config.window, layer.tp_k_head_num)
+        fixed, retrieved = ops.select_tokens(
+            q3, forward_batch.positions, self.rope, self.distances, self.bounds, self.layers[layer.layer_id].centroids,
+            self.codes[layer.layer_id], meta.slots, meta.plan, layer.scaling, self.use_triton,
+        )
         kbuf, vbuf = self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
         if self.worker is None:
-            slots = ops.positions_to_slots(mask_to_positions(fixed | retrieved), meta.slots)
+            slots = ops.selected_slots(fixed | retrieved, meta.slots)
             out, _ = ops.sparse_attention(q3, kbuf, vbuf, slots, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
         else:  # retrieved tokens on the CPU worker, sinks + window here, overlapped, merged by log-sum-exp
-            remote = ops.positions_to_slots(mask_to_positions(retrieved), meta.slots)
+            remote = ops.selected_slots(retrieved, meta.slots)
             self.worker.submit(layer.layer_id, q3.float(), remote, layer.scaling, cap)
-            local = ops.positions_to_slots(mask_to_positions(fixed), meta.slots)
+            local = ops.selected_slots(fixed, meta.slots)
             o_local, lse_local = ops.sparse_attention(q3, kbuf, vbuf, local, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
             try:
                 o_remote, lse_remote = self.worker.wait()

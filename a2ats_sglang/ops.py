@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 from a2ats_sglang import attention, retrieval
+from a2ats_sglang.retrieval import SelectionPlan
+from a2ats_sglang.rope import RopeSpec
 
 
 def approx_scores(lut, codes_buf, slots, seq_lens, bounds, sinks: int, window: int, use_triton: bool) -> torch.Tensor:
@@ -20,11 +22,30 @@ def approx_scores(lut, codes_buf, slots, seq_lens, bounds, sinks: int, window: i
     return retrieval.approx_scores(lut, codes, seq_lens, bounds, sinks, window)
 
 
+def select_tokens(
+    q: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, distances, bounds: torch.Tensor, centroids: torch.Tensor,
+    codes_buf: torch.Tensor, slots: torch.Tensor, plan: SelectionPlan, scale: float, use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's retrieval for a decode batch: WRoPE queries, lookup table, approximate
+    scores, selection. q [B, Hq, D] after RoPE at ``positions`` [B]; centroids [Hkv, C, D];
+    codes_buf int16 [N, Hkv]; slots int64 [B, L] physical slot of each position; ``plan``
+    built once per batch -> (fixed, retrieved) bool [B, Hkv, L] (:meth:`SelectionPlan.masks`)."""
+    q_rot = retrieval.rotated_queries(q, positions, rope, distances)
+    lut = retrieval.lookup_table(q_rot, centroids, scale)
+    scores = approx_scores(lut, codes_buf, slots, plan.seq_lens, bounds, plan.sinks, plan.window, use_triton)
+    return plan.masks(scores, centroids.shape[0])
+
+
 def positions_to_slots(positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """positions int64 [B, Hkv, S] (-1 pad) + slots [B, L] -> physical slots [B, Hkv, S] (-1 pad)."""
     b, hkv, s = positions.shape
     phys = slots.gather(1, positions.clamp_min(0).reshape(b, hkv * s)).view(b, hkv, s)
     return torch.where(positions >= 0, phys, torch.full_like(phys, -1))
+
+
+def selected_slots(mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """bool [B, Hkv, L] selection + slots [B, L] -> physical slots [B, Hkv, S] ascending by position (-1 pad)."""
+    return positions_to_slots(retrieval.mask_to_positions(mask), slots)
 
 
 def sparse_attention(q, k_buf, v_buf, slots, scale: float, logit_cap: float, use_triton: bool, use_cpu_kernel: bool = False):

@@ -67,11 +67,11 @@ def bucket_of(dist: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 
 
 def rotated_queries(q_post: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, distances) -> torch.Tensor:
-    """WRoPE queries. q_post: [B, Hq, D] after RoPE at ``positions`` [B] ->
-    [B, Hq, NB, D] float32, each = RoPE(q_pre, distance)."""
-    q_pre = rope.unrotate(q_post.float(), positions.view(-1, 1))
+    """WRoPE queries. q_post: [B, Hq, D] after RoPE at ``positions`` [B]; distances:
+    NB ints or a float32 tensor -> [B, Hq, NB, D] float32, each = RoPE(q_pre, distance)."""
     dist = torch.as_tensor(distances, dtype=torch.float32, device=q_post.device)
-    return rope.rotate(q_pre.unsqueeze(2).expand(-1, -1, dist.numel(), -1), dist)
+    nb = dist.numel()
+    return rope.rerotate(q_post.unsqueeze(2).expand(-1, -1, nb, -1), positions.view(-1, 1, 1).float(), dist)
 
 
 def lookup_table(q_rot: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
@@ -105,30 +105,59 @@ def approx_scores(
     return s.masked_fill(~scorable.unsqueeze(1), float("-inf"))
 
 
+@dataclass
+class SelectionPlan:
+    """What a decode batch's selection needs that is the same in every layer, built once
+    per batch from host-side lengths (no device sync). B requests, L = longest context.
+
+    seq_lens int64 [B]; k int64 [B] per-head top-K; kmax = max(k, capped at L);
+    fixed bool [B, L] sinks + window (the whole sequence for a request its budget
+    covers), only positions < seq_len."""
+
+    seq_lens: torch.Tensor
+    k: torch.Tensor
+    kmax: int
+    fixed: torch.Tensor
+    sinks: int
+    window: int
+
+    @classmethod
+    def build(cls, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, device=None,
+              length: int | None = None) -> "SelectionPlan":
+        """``length``: L of the score rows (default: the longest sequence)."""
+        lens = seq_lens.detach().to("cpu", torch.int64)
+        if length is None:
+            length = int(lens.max()) if lens.numel() else 0
+        k = budget.tokens(lens)
+        dense = (k + sinks + window) >= lens
+        pos = torch.arange(length)
+        fixed = ((pos < sinks) | (pos >= lens.view(-1, 1) - window) | dense.view(-1, 1)) & (pos < lens.view(-1, 1))
+        device = device if device is not None else seq_lens.device
+        kmax = int(min(int(k.max()), length)) if lens.numel() else 0
+        return cls(lens.to(device), k.to(device), kmax, fixed.to(device), sinks, window)
+
+    def masks(self, scores: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two parts of one layer's selection, bool [B, Hkv, L] each, disjoint:
+        ``fixed``, and ``retrieved`` = top-K of each query head (ties to the earlier
+        position) unioned over the GQA group. scores: [B, Hq, L] from :func:`approx_scores`."""
+        b, hq, length = scores.shape
+        fixed = self.fixed.unsqueeze(1).expand(-1, num_kv_heads, -1)
+        hit = torch.zeros(b, hq, length, dtype=torch.bool, device=scores.device)
+        if self.kmax > 0:
+            idx = scores_with_position_tiebreak(scores).topk(self.kmax, dim=-1).indices  # [B, Hq, kmax]
+            ok = (scores.gather(-1, idx) > float("-inf")) & (
+                torch.arange(self.kmax, device=scores.device) < self.k.view(-1, 1, 1))
+            hit.scatter_(2, idx, ok)
+        retrieved = hit.view(b, num_kv_heads, hq // num_kv_heads, length).any(2) & ~fixed
+        return fixed, retrieved
+
+
 def selection_masks(
     scores: torch.Tensor, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, num_kv_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two parts of a selection, bool [B, Hkv, L] each, disjoint:
-    ``fixed`` = sinks + window (the whole sequence for a request its budget covers),
-    ``retrieved`` = top-K of each query head (ties to the earlier position), unioned
-    over the GQA group. scores: [B, Hq, L] from :func:`approx_scores`."""
-    b, hq, length = scores.shape
-    g = hq // num_kv_heads
-    device = scores.device
-    pos = torch.arange(length, device=device)
-    lens = seq_lens.view(-1, 1).to(device)
-    k = budget.tokens(seq_lens).to(device)  # [B]
-    dense = (k + sinks + window) >= seq_lens.to(device)  # [B]
-    fixed = ((pos < sinks) | (pos >= lens - window) | dense.view(-1, 1)) & (pos < lens)  # [B, L]
-    fixed = fixed.unsqueeze(1).expand(-1, num_kv_heads, -1)
-    hit = torch.zeros(b, hq, length, dtype=torch.bool, device=device)
-    kmax = int(min(k.max().item(), length)) if b else 0
-    if kmax > 0:
-        idx = scores_with_position_tiebreak(scores).topk(kmax, dim=-1).indices  # [B, Hq, kmax]
-        ok = (scores.gather(-1, idx) > float("-inf")) & (torch.arange(kmax, device=device) < k.view(-1, 1, 1))
-        hit.scatter_(2, idx, ok)
-    retrieved = hit.view(b, num_kv_heads, g, length).any(2) & ~fixed
-    return fixed, retrieved
+    """One-off :meth:`SelectionPlan.masks` (the backend builds the plan once per batch)."""
+    plan = SelectionPlan.build(seq_lens, budget, sinks, window, scores.device, scores.shape[-1])
+    return plan.masks(scores, num_kv_heads)
 
 
 def select(
@@ -154,10 +183,11 @@ def scores_with_position_tiebreak(scores: torch.Tensor) -> torch.Tensor:
 
 
 def mask_to_positions(mask: torch.Tensor) -> torch.Tensor:
-    """bool [..., L] -> int64 [..., S] ascending set positions, -1 padded (S = max count)."""
+    """bool [..., L] -> int64 [..., S] ascending set positions, -1 padded (S = max count).
+    A stable compaction (prefix sum + scatter), O(L), no sort."""
     length = mask.shape[-1]
-    s = int(mask.sum(-1).max().item()) if mask.numel() else 0
-    pos = torch.arange(length, device=mask.device).expand_as(mask)
-    keyed = torch.where(mask, pos, torch.full_like(pos, length))
-    out = keyed.sort(-1).values[..., :s]
-    return out.masked_fill(out == length, -1)
+    s = int(mask.sum(-1).max()) if mask.numel() else 0
+    dest = torch.where(mask, mask.long().cumsum(-1) - 1, s)  # unselected go to a spill column
+    out = torch.full((*mask.shape[:-1], s + 1), -1, dtype=torch.int64, device=mask.device)
+    out.scatter_(-1, dest, torch.arange(length, device=mask.device).expand_as(dest))
+    return out[..., :s]

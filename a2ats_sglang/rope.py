@@ -65,6 +65,18 @@ class RopeSpec:
         out[..., rd:] = x[..., rd:].float()
         return out.to(x.dtype)
 
+    def rerotate(self, x: torch.Tensor, from_pos, to_pos) -> torch.Tensor:
+        """``rotate(unrotate(x, from_pos), to_pos)`` as one rotation by ``to_pos - from_pos``
+        (rotations compose; float32 result)."""
+        out = self.rotate(x.float(), torch.as_tensor(to_pos, dtype=torch.float32, device=x.device) - from_pos)
+        if self.mscale != 1.0:
+            out[..., : self.rotary_dim] /= self.mscale  # unrotate divides by mscale^2, rotate multiplies once
+        return out
+
+    def to(self, device) -> "RopeSpec":
+        """The same rotation with its frequencies on ``device`` (no copy per call there)."""
+        return RopeSpec(self.inv_freq.to(device), self.head_dim, self.neox, self.mscale)
+
     def describe(self) -> dict:
         return {"head_dim": self.head_dim, "rotary_dim": self.rotary_dim, "neox": self.neox, "mscale": self.mscale}
 

@@ -25,6 +25,7 @@ def _sparse_decode_kernel(
     S, split_len, scale, logit_cap,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CAP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -48,7 +49,7 @@ def _sparse_decode_kernel(
         slot = tl.where(valid, slot, 0).to(tl.int64)
         k = tl.load(k_ptr + slot[:, None] * stride_k_n + kvh * stride_k_h + dd[None, :],
                     mask=valid[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
         if CAP:
             qk = logit_cap * (2.0 * tl.sigmoid(2.0 * qk / logit_cap) - 1.0)
         qk = tl.where(valid[None, :], qk, -1e30)
@@ -58,7 +59,7 @@ def _sparse_decode_kernel(
         v = tl.load(v_ptr + slot[:, None] * stride_v_n + kvh * stride_v_h + dv[None, :],
                     mask=valid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m = m_new
     nonempty = l > 0
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
@@ -96,6 +97,8 @@ def sparse_decode_triton(q, k_buf, v_buf, slots, scale: float, logit_cap: float 
         s, split_len, scale, logit_cap if logit_cap > 0 else 1.0,
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_N=block_n, CAP=logit_cap > 0,
+        # float32 KV is attended in full precision; 16-bit KV loses nothing to TF32 products
+        PRECISION="ieee" if k_buf.dtype == torch.float32 else "tf32",
     )
     out, out_lse = merge_partials_triton(o, lse)
     return out.to(q.dtype), out_lse

@@ -10,6 +10,7 @@ from a2ats_sglang.retrieval import (
     distance_bounds,
     lookup_table,
     mask_to_positions,
+    rotated_queries,
     select,
     wrope_distances,
 )
@@ -114,3 +115,19 @@ def test_tiebreak_keys_order_like_scores_and_prefer_earlier_positions():
     pad = torch.cat([s, torch.full((1, 5), float("-inf"))], -1)
     sel2 = select(pad[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1), 0, 1, 1)
     assert sel1.tolist() == sel2[..., : sel1.shape[-1]].tolist()
+
+
+@pytest.mark.parametrize("neox,mscale,rotary", [(True, 1.0, 16), (False, 1.3, 12)])
+def test_rotated_queries_equal_unrotate_then_rotate(neox, mscale, rotary):
+    """WRoPE queries are RoPE(q_pre, distance) with q_pre = RoPE^-1(q_post, pos), computed as
+    one rotation: same result for partial rotary dims and a magnitude factor (yarn)."""
+    from a2ats_sglang.rope import RopeSpec
+
+    rope = RopeSpec(1.0 / 500 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary), 16, neox, mscale)
+    q_post = torch.randn(3, 4, 16)
+    positions = torch.tensor([5, 900, 4000])
+    distances = (96, 2048)
+    got = rotated_queries(q_post, positions, rope, distances)
+    q_pre = rope.unrotate(q_post, positions.view(-1, 1))
+    want = torch.stack([rope.rotate(q_pre, float(d)) for d in distances], dim=2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
