@@ -7,7 +7,8 @@ their codes and nothing needs invalidating: a reused slot is re-encoded when it
 is written. Decode scores every past token through the lookup table, selects
 sinks + window + top-K (GQA union) and attends that set exactly.
 
-Dense backend: torch_native on CPU; triton on CUDA. Layers with a sliding window stay dense.
+Dense backend (:mod:`a2ats_sglang.dense`): triton on CUDA, torch_native with a prefix-aware
+extend on CPU. Layers with a sliding window stay dense.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from a2ats_sglang import ops
 from a2ats_sglang.attention import merge_states
 from a2ats_sglang.codebook import Codebooks, LayerCodebook, ModelShape, default_codebook_path
 from a2ats_sglang.config import A2ATSConfig
+from a2ats_sglang.dense import dense_backend as default_dense_backend
 from a2ats_sglang.retrieval import SelectionPlan, distance_bounds
 from a2ats_sglang.rope import RopeSpec
 from a2ats_sglang.worker import WorkerFailure
@@ -52,13 +54,6 @@ def _find_rotary(model, layer_id: int):
         return None
     attn = getattr(layers[layer_id], "self_attn", None)
     return getattr(attn, "rotary_emb", None)
-
-
-def _dense_backend(model_runner):
-    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-
-    name = "triton" if model_runner.device == "cuda" or str(model_runner.device).startswith("cuda") else "torch_native"
-    return ATTENTION_BACKENDS[name](model_runner)
 
 
 def _cpu_kernel_available() -> bool:
@@ -105,7 +100,7 @@ class A2ATSAttnBackend(AttentionBackend):
         self.device = torch.device(model_runner.device)
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
-        self.dense = dense_backend or _dense_backend(model_runner)
+        self.dense = dense_backend or default_dense_backend(model_runner)
         self.forward_metadata: DecodeMetadata | None = None
 
         mc = model_runner.model_config

@@ -51,3 +51,20 @@ def test_empty_set_contributes_nothing():
     o, lse = merge_states(o1, l1, o2, l2)
     torch.testing.assert_close(o, o2)
     torch.testing.assert_close(lse, l2)
+
+
+@pytest.mark.parametrize("prefix,n", [(0, 7), (0, 45), (30, 1), (30, 45), (100, 16)])
+def test_cpu_extend_equals_full_causal_attention(monkeypatch, prefix, n):
+    """The CPU dense backend's extend (new queries only, in row blocks) equals causal
+    attention over the whole sequence, restricted to the new rows (torch_native's way)."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from a2ats_sglang import dense
+
+    monkeypatch.setattr(dense, "QUERY_BLOCK", 16)
+    total = prefix + n
+    q_all = torch.randn(6, total, 32)
+    k, v = torch.randn(2, total, 32), torch.randn(2, total, 24)
+    want = scaled_dot_product_attention(q_all, k, v, is_causal=True, scale=0.3, enable_gqa=True)[:, prefix:]
+    got = dense.causal_extend_attention(q_all[:, prefix:], k, v, prefix, 0.3, True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
