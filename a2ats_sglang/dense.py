@@ -15,7 +15,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from torch.nn.functional import scaled_dot_product_attention
 
-QUERY_BLOCK = 1024  # rows per SDPA call: bounds the [rows, context] mask and scores
+QUERY_BLOCK = 1024  # rows per SDPA call after a prefix: bounds the [rows, context] mask
 
 
 def causal_extend_attention(q, k, v, prefix: int, scale: float, enable_gqa: bool) -> torch.Tensor:
@@ -23,7 +23,7 @@ def causal_extend_attention(q, k, v, prefix: int, scale: float, enable_gqa: bool
     sequence's keys 0..prefix+n-1. q [Hq, n, D]; k [Hkv, prefix+n, D]; v [Hkv, prefix+n, Dv]
     -> [Hq, n, Dv]."""
     n = q.shape[1]
-    if prefix == 0 and n <= QUERY_BLOCK:
+    if prefix == 0:  # a whole sequence: SDPA's own causal mask, no mask tensor at all
         return scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     out = q.new_empty(q.shape[0], n, v.shape[-1])
     for i0 in range(0, n, QUERY_BLOCK):

@@ -1,17 +1,55 @@
-// CPU sparse decode attention: one pass over the selected K/V rows.
+// CPU sparse decode attention over per-KV-head lists of selected slots.
 //
-// For each (request, KV head) the g query heads of the group share every K and V row
-// they read: scores, online softmax and the weighted V sum happen while the row is in
-// cache, so K and V are streamed once (the torch reference gathers them into a copy
-// first). Parallel over (request, KV head) with ATen's thread pool.
+// Work is split into (request, KV head, chunk of selected rows) items so every core is
+// busy even at batch 1; each item streams its rows in blocks: the g query heads of the
+// group score a block of K rows (vectorized dot products), update their running max and
+// sum once per block, then accumulate the block's V rows. Rows are scattered in the
+// pool, so the next block's K and V rows (every cache line of them) are prefetched
+// while the current one is computed. Partial results of the chunks merge by
+// log-sum-exp. Parallel with ATen's thread pool.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+constexpr int64_t kBlock = 16;    // rows scored together
+constexpr int64_t kChunk = 256;   // rows per work item
+constexpr int64_t kLine = 64;     // cache line bytes
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += kLine) __builtin_prefetch(c + o, 0, 1);
+}
+
+// A row as float: the row itself for float storage, else converted into `buf`.
+template <typename T>
+inline const float* as_float(const T* p, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return buf;
+  }
+}
 
 template <typename T>
 void attend(const float* q, const T* k, const T* v, const int64_t* slots, float* out, float* lse, int64_t B,
@@ -19,52 +57,94 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
             int64_t vsh, float scale, float cap) {
   const int64_t G = Hq / Hkv;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(G * D), m(G), l(G), acc(G * Dv), kr(D), vr(Dv);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hkv, h = bh % Hkv;
+  const int64_t chunks = std::max<int64_t>(1, (S + kChunk - 1) / kChunk);
+  const int64_t part = G * (Dv + 2);  // per chunk: acc [G, Dv], max [G], sum [G]
+  std::vector<float> parts(B * Hkv * chunks * part);
+
+  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qs(G * D), s(G * kBlock), kbuf(kBlock * D), vbuf(Dv);
+    const float* krow[kBlock];
+    const T* vrow[kBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / chunks, c = item % chunks, b = bh / Hkv, h = bh % Hkv;
+      float* acc = parts.data() + item * part;
+      float* m = acc + G * Dv;
+      float* l = m + G;
+      std::fill(acc, acc + G * Dv, 0.f);
       for (int64_t g = 0; g < G; ++g) {
         const float* qg = q + (b * Hq + h * G + g) * D;
         for (int64_t d = 0; d < D; ++d) qs[g * D + d] = qg[d] * scale;
         m[g] = neg_inf;
         l[g] = 0.f;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
       const int64_t* sl = slots + bh * S;
-      constexpr int64_t kAhead = 8;  // rows are scattered: prefetch a few ahead to hide memory latency
-      for (int64_t j = 0; j < S; ++j) {
-        if (j + kAhead < S && sl[j + kAhead] >= 0) {
-          __builtin_prefetch(k + sl[j + kAhead] * ksn + h * ksh);
-          __builtin_prefetch(v + sl[j + kAhead] * vsn + h * vsh);
+      const int64_t j_end = std::min(S, (c + 1) * kChunk);
+      for (int64_t j0 = c * kChunk; j0 < j_end; j0 += kBlock) {
+        const int64_t j1 = std::min(j_end, j0 + kBlock);
+        for (int64_t j = j1; j < std::min(j_end, j1 + kBlock); ++j) {  // the next block, while this one computes
+          if (sl[j] < 0) continue;
+          prefetch_row(k + sl[j] * ksn + h * ksh, D * sizeof(T));
+          prefetch_row(v + sl[j] * vsn + h * vsh, Dv * sizeof(T));
         }
-        const int64_t slot = sl[j];
-        if (slot < 0) continue;
-        const T* kp = k + slot * ksn + h * ksh;
-        const T* vp = v + slot * vsn + h * vsh;
-        for (int64_t d = 0; d < D; ++d) kr[d] = static_cast<float>(kp[d]);
-        for (int64_t d = 0; d < Dv; ++d) vr[d] = static_cast<float>(vp[d]);
+        int64_t n = 0;
+        for (int64_t j = j0; j < j1; ++j) {
+          if (sl[j] < 0) continue;
+          krow[n] = as_float(k + sl[j] * ksn + h * ksh, kbuf.data() + n * D, D);
+          vrow[n] = v + sl[j] * vsn + h * vsh;
+          ++n;
+        }
+        if (n == 0) continue;
         for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qs.data() + g * D;
-          float s = 0.f;
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * kr[d];
-          if (cap > 0.f) s = cap * std::tanh(s / cap);
-          float* ag = acc.data() + g * Dv;
-          if (s > m[g]) {
-            const float alpha = std::exp(m[g] - s);  // 0 on the first row (m = -inf)
-            l[g] *= alpha;
-            for (int64_t d = 0; d < Dv; ++d) ag[d] *= alpha;
-            m[g] = s;
+          float* sg = s.data() + g * kBlock;
+          float bmax = neg_inf;
+          for (int64_t r = 0; r < n; ++r) {
+            float x = dot(qs.data() + g * D, krow[r], D);
+            if (cap > 0.f) x = cap * std::tanh(x / cap);
+            sg[r] = x;
+            bmax = std::max(bmax, x);
           }
-          const float p = std::exp(s - m[g]);
-          l[g] += p;
-          for (int64_t d = 0; d < Dv; ++d) ag[d] += p * vr[d];
+          const float m_new = std::max(m[g], bmax);
+          if (m_new > m[g]) {  // rescale what was accumulated (nothing yet on the first block)
+            const float alpha = std::exp(m[g] - m_new);
+            l[g] *= alpha;
+            for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] *= alpha;
+            m[g] = m_new;
+          }
+          for (int64_t r = 0; r < n; ++r) {
+            sg[r] = std::exp(sg[r] - m_new);
+            l[g] += sg[r];
+          }
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          const float* vr = as_float(vrow[r], vbuf.data(), Dv);
+          for (int64_t g = 0; g < G; ++g) axpy(acc + g * Dv, s[g * kBlock + r], vr, Dv);
         }
       }
+    }
+  });
+
+  // Merge the chunks of each (request, KV head) by log-sum-exp.
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
       for (int64_t g = 0; g < G; ++g) {
+        float mx = neg_inf;
+        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, parts[(bh * chunks + c) * part + G * Dv + g]);
         float* og = out + (b * Hq + h * G + g) * Dv;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        for (int64_t d = 0; d < Dv; ++d) og[d] = acc[g * Dv + d] * inv;
-        lse[b * Hq + h * G + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : neg_inf;
+        std::fill(og, og + Dv, 0.f);
+        float total = 0.f;
+        if (mx > neg_inf) {
+          for (int64_t c = 0; c < chunks; ++c) {
+            const float* p = parts.data() + (bh * chunks + c) * part;
+            const float w = std::exp(p[G * Dv + g] - mx);  // 0 for an empty chunk (max = -inf)
+            if (w == 0.f) continue;
+            total += w * p[G * Dv + G + g];
+            axpy(og, w, p + g * Dv, Dv);
+          }
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int64_t d = 0; d < Dv; ++d) og[d] *= inv;
+        lse[b * Hq + h * G + g] = total > 0.f ? mx + std::log(total) : neg_inf;
       }
     }
   });

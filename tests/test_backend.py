@@ -55,6 +55,12 @@ def test_sglang_kit_dense_cases(env, case):
     kit.run_dense_attention_case(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("case", kit.make_dense_cases("a2ats_dense"), ids=lambda c: c.name)
+def test_sglang_kit_cases_cpu_dense_backend(case):
+    """The dense CPU backend (prefix-aware extend) on every kit layout: equal to the kit's reference."""
+    kit.run_dense_attention_case(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
+
+
 def reference_decode(books, fixture, q, sinks, window, budget):
     """Independent reference: codes by brute-force nearest centroid, LUT scores,
     selection, exact softmax over the selected positions."""

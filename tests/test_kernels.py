@@ -111,3 +111,21 @@ def test_select_tokens_triton_matches_torch_on_device(hq, hkv):
     assert ((per_head >= k.view(-1, 1)) & (per_head <= (hq // hkv) * k.view(-1, 1))).all()
     sel = ops.selected_slots(fixed_t | retrieved_t, slots)
     assert ((sel >= 0).sum(-1).cpu() == (fixed_t | retrieved_t).sum(-1).cpu()).all()
+
+
+def test_cpu_kernel_chunks_merge_with_holes_and_empty_chunks():
+    """Long selections are split into chunks attended in parallel and merged by
+    log-sum-exp: padding anywhere, including a whole empty chunk, changes nothing."""
+    from a2ats_sglang.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no C++ compiler for the CPU kernel")
+    k_buf, v_buf = torch.randn(3000, 2, 64), torch.randn(3000, 2, 64)
+    q = torch.randn(2, 8, 64)
+    slots = torch.randint(0, 3000, (2, 2, 900))
+    slots[torch.rand(slots.shape) < 0.1] = -1  # holes
+    slots[1, 0, 256:600] = -1  # a whole chunk and more empty
+    want_o, want_l = attention.sparse_attention(q, k_buf, v_buf, slots, 0.1)
+    got_o, got_l = cpu.sparse_attention_cpu(q, k_buf, v_buf, slots, 0.1)
+    torch.testing.assert_close(got_o, want_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_l, want_l, atol=1e-5, rtol=1e-5)
