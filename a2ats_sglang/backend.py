@@ -35,13 +35,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DecodeMetadata:
-    """Per decode batch: seq_lens int64 [B]; slots int64 [B, L] physical slot of each
-    position (0 past the end); plan: the layer-independent part of the selection, None
-    when every request fits its budget (dense decode)."""
+    """Per decode batch: seq_lens int64 [B]; when sparse, slots int64 [B, L] physical slot
+    of each position (0 past the end), plan: the layer-independent part of the selection,
+    fixed_slots int64 [B, Hkv, F]: the slots of its fixed part (sinks, window, covered
+    requests) in every layer; all None for a dense decode batch."""
 
     seq_lens: torch.Tensor
-    slots: torch.Tensor | None
-    plan: SelectionPlan | None
+    slots: torch.Tensor | None = None
+    plan: SelectionPlan | None = None
+    fixed_slots: torch.Tensor | None = None
 
     @property
     def sparse(self) -> bool:
@@ -175,16 +177,15 @@ class A2ATSAttnBackend(AttentionBackend):
             return
         seq_lens = forward_batch.seq_lens.to(torch.int64)
         longest = int(forward_batch.seq_lens_cpu.max()) if forward_batch.batch_size else 0
-        k = self.budget.tokens(forward_batch.seq_lens_cpu.to(torch.int64))
-        fits = bool(((k + self.config.sinks + self.config.window) >= forward_batch.seq_lens_cpu).all())
-        sparse = not fits and longest >= self.config.dense_below
-        slots = plan = None
-        if sparse:
-            rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :longest].to(torch.int64)
-            pos = torch.arange(longest, device=rows.device)
-            slots = torch.where(pos < seq_lens.view(-1, 1), rows, torch.zeros_like(rows))
-            plan = SelectionPlan.build(forward_batch.seq_lens_cpu, self.budget, self.config.sinks, self.config.window, self.device)
-        self.forward_metadata = DecodeMetadata(seq_lens, slots, plan)
+        plan = SelectionPlan.build(forward_batch.seq_lens_cpu, self.budget, self.config.sinks, self.config.window, self.device)
+        if plan.covered or longest < self.config.dense_below:
+            self.forward_metadata = DecodeMetadata(seq_lens)
+            return
+        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :longest].to(torch.int64)
+        pos = torch.arange(longest, device=rows.device)
+        slots = torch.where(pos < seq_lens.view(-1, 1), rows, torch.zeros_like(rows))
+        fixed = ops.selected_slots(plan.fixed.unsqueeze(1).expand(-1, self.codes.shape[2], -1), slots)
+        self.forward_metadata = DecodeMetadata(seq_lens, slots, plan, fixed)
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.dense.get_cuda_graph_seq_len_fill_value()
@@ -217,29 +218,28 @@ class A2ATSAttnBackend(AttentionBackend):
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         b, hq, d = forward_batch.batch_size, layer.tp_q_head_num, layer.qk_head_dim
         q3 = q.reshape(b, hq, d)
-        fixed, retrieved = ops.select_tokens(
+        retrieved = ops.retrieve(
             q3, forward_batch.positions, self.rope, self.distances, self.bounds, self.layers[layer.layer_id].centroids,
-            self.codes[layer.layer_id], meta.slots, meta.plan, layer.scaling, self.use_triton,
+            self.codes[layer.layer_id], meta.slots, meta.plan, layer.scaling, self.use_triton, self.use_cpu_kernel,
         )
+        fixed = meta.fixed_slots
         kbuf, vbuf = self.token_to_kv_pool.get_key_buffer(layer.layer_id), self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
-        if self.worker is None:
-            slots = ops.selected_slots(fixed | retrieved, meta.slots)
-            out, _ = ops.sparse_attention(q3, kbuf, vbuf, slots, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
+        if self.worker is None:  # the two parts are disjoint: one attention over both
+            both = torch.cat([fixed, retrieved], dim=-1)
+            out, _ = ops.sparse_attention(q3, kbuf, vbuf, both, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
         else:  # retrieved tokens on the CPU worker, sinks + window here, overlapped, merged by log-sum-exp
-            remote = ops.selected_slots(retrieved, meta.slots)
-            self.worker.submit(layer.layer_id, q3.float(), remote, layer.scaling, cap)
-            local = ops.selected_slots(fixed, meta.slots)
-            o_local, lse_local = ops.sparse_attention(q3, kbuf, vbuf, local, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
+            self.worker.submit(layer.layer_id, q3.float(), retrieved, layer.scaling, cap)
+            o_local, lse_local = ops.sparse_attention(q3, kbuf, vbuf, fixed, layer.scaling, cap, self.use_triton, self.use_cpu_kernel)
             try:
                 o_remote, lse_remote = self.worker.wait()
             except WorkerFailure as e:  # failed twice in a row: keep serving, attend here, start afresh
                 logger.error("a2ats: CPU worker failed again (%s); attending this layer in the scheduler", e)
-                o_remote, lse_remote = ops.sparse_attention(q3, kbuf, vbuf, remote, layer.scaling, cap, False, self.use_cpu_kernel)
+                o_remote, lse_remote = ops.sparse_attention(q3, kbuf, vbuf, retrieved, layer.scaling, cap, False, self.use_cpu_kernel)
                 self._replace_worker()
             out, _ = merge_states(o_local, lse_local, o_remote.to(o_local.dtype), lse_remote)
         if layer.layer_id == 0:
-            self._record(int(fixed.sum() + retrieved.sum()), meta.seq_lens, layer.tp_k_head_num)
+            self._record(int((fixed >= 0).sum() + (retrieved >= 0).sum()), meta.seq_lens, layer.tp_k_head_num)
         return out.reshape(b, hq * layer.v_head_dim)
 
     def _record(self, attended: int, seq_lens: torch.Tensor, hkv: int) -> None:

@@ -22,18 +22,27 @@ def approx_scores(lut, codes_buf, slots, seq_lens, bounds, sinks: int, window: i
     return retrieval.approx_scores(lut, codes, seq_lens, bounds, sinks, window)
 
 
-def select_tokens(
+def retrieve(
     q: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, distances, bounds: torch.Tensor, centroids: torch.Tensor,
     codes_buf: torch.Tensor, slots: torch.Tensor, plan: SelectionPlan, scale: float, use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    use_cpu_kernel: bool = False,
+) -> torch.Tensor:
     """One layer's retrieval for a decode batch: WRoPE queries, lookup table, approximate
-    scores, selection. q [B, Hq, D] after RoPE at ``positions`` [B]; centroids [Hkv, C, D];
-    codes_buf int16 [N, Hkv]; slots int64 [B, L] physical slot of each position; ``plan``
-    built once per batch -> (fixed, retrieved) bool [B, Hkv, L] (:meth:`SelectionPlan.masks`)."""
+    scores, per-head top-K, GQA union. q [B, Hq, D] after RoPE at ``positions`` [B];
+    centroids [Hkv, C, D]; codes_buf int16 [N, Hkv]; slots int64 [B, L] physical slot of
+    each position; ``plan`` built once per batch -> retrieved physical slots int64
+    [B, Hkv, S], ascending by position, -1 padded (:meth:`SelectionPlan.retrieved`).
+    The C++ kernel (CPU), or the Triton score kernel (CUDA) + torch top-K, or torch."""
     q_rot = retrieval.rotated_queries(q, positions, rope, distances)
     lut = retrieval.lookup_table(q_rot, centroids, scale)
+    if use_cpu_kernel:
+        from a2ats_sglang.kernels.cpu import retrieve_cpu
+
+        out = retrieve_cpu(lut, codes_buf, slots, plan, bounds)
+        if out is not None:
+            return out
     scores = approx_scores(lut, codes_buf, slots, plan.seq_lens, bounds, plan.sinks, plan.window, use_triton)
-    return plan.masks(scores, centroids.shape[0])
+    return selected_slots(plan.retrieved(scores, centroids.shape[0]), slots)
 
 
 def positions_to_slots(positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

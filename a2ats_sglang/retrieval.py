@@ -112,7 +112,7 @@ class SelectionPlan:
 
     seq_lens int64 [B]; k int64 [B] per-head top-K; kmax = max(k, capped at L);
     fixed bool [B, L] sinks + window (the whole sequence for a request its budget
-    covers), only positions < seq_len."""
+    covers), only positions < seq_len; covered: every request is covered (dense)."""
 
     seq_lens: torch.Tensor
     k: torch.Tensor
@@ -120,6 +120,7 @@ class SelectionPlan:
     fixed: torch.Tensor
     sinks: int
     window: int
+    covered: bool
 
     @classmethod
     def build(cls, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, device=None,
@@ -134,30 +135,30 @@ class SelectionPlan:
         fixed = ((pos < sinks) | (pos >= lens.view(-1, 1) - window) | dense.view(-1, 1)) & (pos < lens.view(-1, 1))
         device = device if device is not None else seq_lens.device
         kmax = int(min(int(k.max()), length)) if lens.numel() else 0
-        return cls(lens.to(device), k.to(device), kmax, fixed.to(device), sinks, window)
+        return cls(lens.to(device), k.to(device), kmax, fixed.to(device), sinks, window, bool(dense.all()))
 
-    def masks(self, scores: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two parts of one layer's selection, bool [B, Hkv, L] each, disjoint:
-        ``fixed``, and ``retrieved`` = top-K of each query head (ties to the earlier
-        position) unioned over the GQA group. scores: [B, Hq, L] from :func:`approx_scores`."""
+    def retrieved(self, scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """One layer's retrieved part, bool [B, Hkv, L], disjoint from ``fixed``: the top-K
+        of each query head (ties to the earlier position) unioned over the GQA group.
+        scores: [B, Hq, L] from :func:`approx_scores`."""
         b, hq, length = scores.shape
-        fixed = self.fixed.unsqueeze(1).expand(-1, num_kv_heads, -1)
         hit = torch.zeros(b, hq, length, dtype=torch.bool, device=scores.device)
         if self.kmax > 0:
             idx = scores_with_position_tiebreak(scores).topk(self.kmax, dim=-1).indices  # [B, Hq, kmax]
             ok = (scores.gather(-1, idx) > float("-inf")) & (
                 torch.arange(self.kmax, device=scores.device) < self.k.view(-1, 1, 1))
             hit.scatter_(2, idx, ok)
-        retrieved = hit.view(b, num_kv_heads, hq // num_kv_heads, length).any(2) & ~fixed
-        return fixed, retrieved
+        return hit.view(b, num_kv_heads, hq // num_kv_heads, length).any(2) & ~self.fixed.unsqueeze(1)
 
 
 def selection_masks(
     scores: torch.Tensor, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, num_kv_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-off :meth:`SelectionPlan.masks` (the backend builds the plan once per batch)."""
+    """The two parts of a selection, bool [B, Hkv, L] each, disjoint: ``fixed`` (sinks +
+    window, or everything a budget covers) and ``retrieved`` (:meth:`SelectionPlan.retrieved`).
+    One-off; the backend builds the plan once per batch."""
     plan = SelectionPlan.build(seq_lens, budget, sinks, window, scores.device, scores.shape[-1])
-    return plan.masks(scores, num_kv_heads)
+    return plan.fixed.unsqueeze(1).expand(-1, num_kv_heads, -1), plan.retrieved(scores, num_kv_heads)
 
 
 def select(

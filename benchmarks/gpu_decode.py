@@ -3,7 +3,7 @@ dense decode attention over the whole context, in the same run, on the same data
 
 The layer shape is given by flags (default: a Llama-3.1-8B layer, 32 query heads,
 8 KV heads, head dim 128, bf16 KV; 4096 codes, 8 WRoPE distances). SGLang itself is
-not needed: this times the backend's own decode functions (``ops.select_tokens``,
+not needed: this times the backend's own decode functions (``ops.retrieve``,
 ``ops.sparse_attention``), i.e. what ``forward_decode`` runs per layer, against
 
 - ``sdpa``: PyTorch's fused scaled-dot-product attention over each request's
@@ -70,18 +70,18 @@ def measure(batch: int, length: int, args, dev: str) -> dict:
     budget = Budget(args.budget)
     scale = d ** -0.5
     positions = seq_lens - 1
-    plan = SelectionPlan.build(seq_lens.cpu(), budget, args.sinks, args.window, dev)  # once per batch, as served
+    # once per batch, as served: the plan and the fixed part's slots
+    plan = SelectionPlan.build(seq_lens.cpu(), budget, args.sinks, args.window, dev)
+    fixed = ops.selected_slots(plan.fixed.unsqueeze(1).expand(-1, hkv, -1), slots)
 
     def select():
-        return ops.select_tokens(q, positions, rope, distances, bounds, centroids, codes, slots, plan, scale, use_triton=True)
+        return ops.retrieve(q, positions, rope, distances, bounds, centroids, codes, slots, plan, scale, use_triton=True)
 
     def a2ats():
-        fixed, retrieved = select()
-        sel = ops.selected_slots(fixed | retrieved, slots)
-        return ops.sparse_attention(q, k_buf, v_buf, sel, scale, 0.0, use_triton=True)
+        both = torch.cat([fixed, select()], dim=-1)
+        return ops.sparse_attention(q, k_buf, v_buf, both, scale, 0.0, use_triton=True)
 
-    fixed, retrieved = select()
-    chosen = ops.selected_slots(fixed | retrieved, slots)
+    chosen = torch.cat([fixed, select()], dim=-1)
     attended = float((chosen >= 0).sum()) / (batch * hkv * length)
     every = slots.unsqueeze(1).expand(batch, hkv, length).contiguous()
     # Contiguous per-request K/V for SDPA (dense best case): [B, Hkv, L, D].

@@ -173,5 +173,3 @@ std::vector<torch::Tensor> sparse_attention(torch::Tensor q, torch::Tensor k, to
   });
   return {out, lse};
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("sparse_attention", &sparse_attention, "A2ATS CPU sparse decode attention"); }

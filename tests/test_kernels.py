@@ -82,35 +82,40 @@ def test_cpu_kernel_matches_reference(dtype, cap):
     torch.testing.assert_close(got_l, want_l, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("hq,hkv", [(8, 2), (9, 3)])
-def test_select_tokens_triton_matches_torch_on_device(hq, hkv):
-    """The backend's whole retrieval step (WRoPE, LUT, scores, selection) with the Triton
-    score kernel equals the torch path on the same device, on ragged requests."""
+@pytest.mark.parametrize("hq,hkv,nb", [(8, 2, 4), (9, 3, 1), (4, 4, 8)])
+def test_retrieve_kernels_match_torch(hq, hkv, nb):
+    """The backend's whole retrieval step (WRoPE, LUT, scores, per-head top-K, GQA union):
+    the Triton score kernel (on the device) and the C++ kernel (CPU) give exactly the
+    torch path's slots, on ragged requests, one of them covered by its budget."""
     from a2ats_sglang import ops
+    from a2ats_sglang.kernels import cpu
     from a2ats_sglang.rope import RopeSpec
 
-    d, c, n_slots = 32, 64, 5000
-    seq_lens = torch.tensor([900, 130, 1500], device=DEV)
+    d, c, n_slots = 32, 16, 6000  # few codes: many exact ties, broken by position
+    seq_lens = torch.tensor([900, 25, 1500, 1200])
     length = int(seq_lens.max())
     rope = RopeSpec(1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), d)
-    distances = retrieval.wrope_distances(4, lo=16, hi=1024)
-    bounds = retrieval.distance_bounds(distances).to(DEV)
-    centroids = torch.randn(hkv, c, d, device=DEV)
-    codes_buf = torch.randint(0, c, (n_slots, hkv), dtype=torch.int16, device=DEV)
-    slots = torch.randperm(n_slots, device=DEV)[: 3 * length].view(3, length)
-    q = torch.randn(3, hq, d, device=DEV)
+    distances = retrieval.wrope_distances(nb, lo=16, hi=1024)
+    bounds = retrieval.distance_bounds(distances)
+    centroids = torch.randn(hkv, c, d)
+    codes_buf = torch.randint(0, c, (n_slots, hkv), dtype=torch.int16)
+    slots = torch.randperm(n_slots)[: 4 * length].view(4, length)
+    q = torch.randn(4, hq, d)
     budget = retrieval.Budget(0.03, 8)
-    plan = retrieval.SelectionPlan.build(seq_lens, budget, 4, 16)
-    args = (q, seq_lens - 1, rope, distances, bounds, centroids, codes_buf, slots, plan, d ** -0.5)
-    fixed_t, retrieved_t = ops.select_tokens(*args, use_triton=True)
-    fixed_r, retrieved_r = ops.select_tokens(*args, use_triton=False)
-    assert torch.equal(fixed_t, fixed_r) and torch.equal(retrieved_t, retrieved_r)
-    # every request retrieves its budget per query head: at least K per KV head, at most g*K
-    k = budget.tokens(seq_lens.cpu())
-    per_head = retrieved_t.sum(-1).cpu()
-    assert ((per_head >= k.view(-1, 1)) & (per_head <= (hq // hkv) * k.view(-1, 1))).all()
-    sel = ops.selected_slots(fixed_t | retrieved_t, slots)
-    assert ((sel >= 0).sum(-1).cpu() == (fixed_t | retrieved_t).sum(-1).cpu()).all()
+
+    def run(dev, **kernel):
+        p = retrieval.SelectionPlan.build(seq_lens, budget, 4, 16, dev)
+        return ops.retrieve(q.to(dev), (seq_lens - 1).to(dev), rope.to(dev), distances, bounds.to(dev), centroids.to(dev),
+                            codes_buf.to(dev), slots.to(dev), p, d ** -0.5, **kernel).cpu()
+
+    want = run("cpu", use_triton=False)
+    assert torch.equal(run(DEV, use_triton=True), want)
+    if cpu.available():
+        assert torch.equal(run("cpu", use_triton=False, use_cpu_kernel=True), want)
+    # each request retrieves its budget per query head: K..g*K per KV head; the covered one nothing
+    count = (want >= 0).sum(-1)
+    k = budget.tokens(seq_lens).view(-1, 1)
+    assert ((count >= k) & (count <= (hq // hkv) * k))[[0, 2, 3]].all() and (count[1] == 0).all()
 
 
 def test_cpu_kernel_chunks_merge_with_holes_and_empty_chunks():
