@@ -11,17 +11,6 @@ from a2ats_sglang.retrieval import SelectionPlan
 from a2ats_sglang.rope import RopeSpec
 
 
-def approx_scores(lut, codes_buf, slots, seq_lens, bounds, sinks: int, window: int, use_triton: bool) -> torch.Tensor:
-    """lut [B, Hq, NB, C]; codes_buf int16 [N, Hkv] per physical slot; slots int64 [B, L]
-    -> scores float32 [B, Hq, L] (-inf where not scorable)."""
-    if use_triton:
-        from a2ats_sglang.kernels.score import approx_scores_triton
-
-        return approx_scores_triton(lut, codes_buf, slots, seq_lens, bounds, sinks, window)
-    codes = codes_buf[slots].permute(0, 2, 1)  # [B, Hkv, L]
-    return retrieval.approx_scores(lut, codes, seq_lens, bounds, sinks, window)
-
-
 def retrieve(
     q: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, distances, bounds: torch.Tensor, centroids: torch.Tensor,
     codes_buf: torch.Tensor, slots: torch.Tensor, plan: SelectionPlan, scale: float, use_triton: bool,
@@ -31,17 +20,22 @@ def retrieve(
     scores, per-head top-K, GQA union. q [B, Hq, D] after RoPE at ``positions`` [B];
     centroids [Hkv, C, D]; codes_buf int16 [N, Hkv]; slots int64 [B, L] physical slot of
     each position; ``plan`` built once per batch -> retrieved physical slots int64
-    [B, Hkv, S], ascending by position, -1 padded (:meth:`SelectionPlan.retrieved`).
-    The C++ kernel (CPU), or the Triton score kernel (CUDA) + torch top-K, or torch."""
+    [B, Hkv, S], ascending by position, -1 padded (:meth:`SelectionPlan.retrieved`; the
+    Triton path pads to a host-known width). Triton kernels (CUDA), the C++ kernel (CPU), or torch."""
     q_rot = retrieval.rotated_queries(q, positions, rope, distances)
     lut = retrieval.lookup_table(q_rot, centroids, scale)
+    if use_triton:
+        from a2ats_sglang.kernels.score import retrieve_triton
+
+        return retrieve_triton(lut, codes_buf, slots, plan, bounds)
     if use_cpu_kernel:
         from a2ats_sglang.kernels.cpu import retrieve_cpu
 
         out = retrieve_cpu(lut, codes_buf, slots, plan, bounds)
         if out is not None:
             return out
-    scores = approx_scores(lut, codes_buf, slots, plan.seq_lens, bounds, plan.sinks, plan.window, use_triton)
+    codes = codes_buf[slots].permute(0, 2, 1)  # [B, Hkv, L]
+    scores = retrieval.approx_scores(lut, codes, plan.seq_lens, bounds, plan.sinks, plan.window)
     return selected_slots(plan.retrieved(scores, centroids.shape[0]), slots)
 
 
