@@ -110,9 +110,9 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     proc.wait()
 
 
-def decode_ms_per_token(url: str, prompt, max_new_tokens: int) -> float:
-    """Stream one request (``prompt``: text or token ids) and time its decode alone:
-    (time of the last streamed token - time of the first) / tokens in between, in ms."""
+def stream_token_times(url: str, prompt, max_new_tokens: int) -> list[tuple[int, float]]:
+    """Stream one greedy request (``prompt``: text or token ids) -> [(tokens generated so
+    far, perf_counter time)] for every streamed chunk."""
     import json
 
     key = "text" if isinstance(prompt, str) else "input_ids"
@@ -123,6 +123,13 @@ def decode_ms_per_token(url: str, prompt, max_new_tokens: int) -> float:
         for line in r.iter_lines():
             if line.startswith(b"data: ") and line != b"data: [DONE]":
                 marks.append((json.loads(line[6:])["meta_info"]["completion_tokens"], time.perf_counter()))
+    return marks
+
+
+def decode_ms_per_token(url: str, prompt, max_new_tokens: int) -> float:
+    """Time one request's decode alone: (time of the last streamed token - time of the
+    first) / tokens in between, in ms."""
+    marks = stream_token_times(url, prompt, max_new_tokens)
     (n0, t0), (n1, t1) = marks[0], marks[-1]
     if n1 <= n0:
         raise RuntimeError(f"need at least 2 streamed tokens to time decode, got {marks}")

@@ -3,8 +3,9 @@ both served for real by SGLang in the same run, on the same machine.
 
 For each context length and batch size: B requests share a long prefix (cached
 in the radix tree after a warm-up) and differ in their last tokens; they are
-streamed at once, and time per output token is each request's time from its first
-to its last streamed token over the tokens in between (pure decode; median request).
+streamed at once, and only the window in which all B decode together is timed
+(from the last request's first token to the first request's last token): time per
+output token and batch tokens/s over that window, with no prefill inside it.
 
     python benchmarks/decode_throughput.py [--lengths 1024 4096 8192 16384] [--batches 1 4]
         [--dense torch_native]   (on a GPU: --dense flashinfer)
@@ -24,18 +25,30 @@ from pathlib import Path
 import requests
 
 from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
-from a2ats_sglang.server import decode_ms_per_token, launch_server, on_cpu
+from a2ats_sglang.server import launch_server, on_cpu, stream_token_times
 from a2ats_sglang.texts import long_text
 
 TAIL = 8
 
 
+def tokens_by(marks, t: float) -> int:
+    """Tokens a request had streamed by time t (marks from ``stream_token_times``)."""
+    return max((n for n, tm in marks if tm <= t), default=0)
+
+
 def decode_timing(url, prompts, max_new_tokens):
-    """Stream B requests at once. -> (ms per output token of the median request, output tokens/s of the batch)."""
+    """Stream B requests at once and time the window in which all B decode together (from
+    the last request's first token to the first request's last token), so that no
+    request's prefill, nor a batch smaller than B, is in the measurement.
+    -> (ms per output token of one request, output tokens/s of the batch)."""
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
-        per_token = sorted(pool.map(lambda ids: decode_ms_per_token(url, ids, max_new_tokens), prompts))
-    tpot = per_token[len(per_token) // 2]
-    return tpot, 1000 * len(prompts) / tpot
+        runs = list(pool.map(lambda ids: stream_token_times(url, ids, max_new_tokens), prompts))
+    start, end = max(m[0][1] for m in runs), min(m[-1][1] for m in runs)
+    made = [tokens_by(m, end) - tokens_by(m, start) for m in runs]
+    if end <= start or min(made) < 2:
+        raise RuntimeError(f"the {len(prompts)} requests never decoded together for 2 tokens; raise --new-tokens")
+    window = end - start
+    return 1000 * window * len(made) / sum(made), sum(made) / window
 
 
 def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):
