@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -29,7 +30,45 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return s;
 }
 
+// Dot products of one K row with the G query rows (each D long), written to s[g * stride].
+// Fast path for D % 16 == 0: 16-lane vector accumulators and one tree reduction per head.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum(v16 v) {
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline void dots(const float* __restrict q, const float* __restrict k, int64_t G, int64_t D, float* s, int64_t stride) {
+  if (D % 16 == 0) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      v16 acc = {};
+      for (int64_t d = 0; d < D; d += 16) acc += load16(qg + d) * load16(k + d);
+      s[g * stride] = hsum(acc);
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) s[g * stride] = dot(q + g * D, k, D);
+  }
+}
+
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+  if (n % 16 == 0) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const v16 r = load16(y + i) + a * load16(x + i);
+      std::memcpy(y + i, &r, sizeof(r));
+    }
+    return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
@@ -94,14 +133,13 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
           ++n;
         }
         if (n == 0) continue;
+        for (int64_t r = 0; r < n; ++r) dots(qs.data(), krow[r], G, D, s.data() + r, kBlock);
         for (int64_t g = 0; g < G; ++g) {
           float* sg = s.data() + g * kBlock;
           float bmax = neg_inf;
           for (int64_t r = 0; r < n; ++r) {
-            float x = dot(qs.data() + g * D, krow[r], D);
-            if (cap > 0.f) x = cap * std::tanh(x / cap);
-            sg[r] = x;
-            bmax = std::max(bmax, x);
+            if (cap > 0.f) sg[r] = cap * std::tanh(sg[r] / cap);
+            bmax = std::max(bmax, sg[r]);
           }
           const float m_new = std::max(m[g], bmax);
           if (m_new > m[g]) {  // rescale what was accumulated (nothing yet on the first block)
