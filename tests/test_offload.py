@@ -100,3 +100,56 @@ def test_host_pool_full_evicts_instead_of_failing(default_model_dir):
         again = generate(srv, prompts[0], 4)  # its prefix was evicted to make room: recomputed, still right
         assert again["meta_info"]["cached_tokens"] < again["meta_info"]["prompt_tokens"] // 2
         assert "Traceback" not in srv.log()
+
+
+def worker_processes() -> set[int]:
+    """PIDs of every running CPU attention worker process on this machine."""
+    pids = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b"a2ats_sglang.worker" in f.read():
+                        pids.add(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def test_worker_failing_twice_is_replaced_and_the_layer_attended_in_the_scheduler(offload):
+    """The worker is killed mid-stream and its replacement hangs before it is ready: the
+    backend attends that layer's retrieved tokens itself, starts a third worker, and the
+    request (and the next one) completes with every token."""
+    before = worker_pids(offload)[-1]
+    known = worker_processes()
+    prompt = long_text(5000, offset=700) + "\n\nWrite a long summary:"
+    chunks = []
+    stopped = []
+
+    def stream():
+        with requests.post(offload.url + "/generate", json={"text": prompt, "stream": True, "sampling_params": {
+                "max_new_tokens": 24, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.time() + 300
+    while len(chunks) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(before, signal.SIGKILL)
+    while not stopped and time.time() < deadline:  # the replacement: hang it while it starts
+        for pid in worker_processes() - known - {before}:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        time.sleep(0.01)
+    t.join(600)
+    assert stopped and chunks and chunks[-1]["meta_info"]["completion_tokens"] == 24
+    log = offload.log()
+    assert "CPU worker failed again" in log and "attending this layer in the scheduler" in log
+    after = worker_pids(offload)[-1]
+    assert after not in (before, stopped[0])
+    os.kill(after, 0)  # the third worker is alive, the hung one is gone
+    assert stopped[0] not in worker_processes()
+    assert generate(offload, prompt, 4)["meta_info"]["completion_tokens"] == 4
