@@ -30,6 +30,26 @@ def worker_pids(srv):
     return [int(p) for p in re.findall(r"CPU attention worker pid (\d+) ready", srv.log())]
 
 
+def stream_until_decoding(srv, prompt: str, max_new_tokens: int):
+    """Stream a greedy request in a thread; return (thread, chunks) once 3 chunks arrived
+    (the request is decoding). ``chunks`` keeps filling until the thread ends."""
+    chunks = []
+
+    def stream():
+        with requests.post(srv.url + "/generate", json={"text": prompt, "stream": True, "sampling_params": {
+                "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.time() + 300
+    while len(chunks) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    return t, chunks
+
+
 def test_offload_gives_the_same_tokens_as_on_device(offload, a2ats):
     for i in range(2):
         prompt = long_text(6000, offset=100 * i) + "\n\nIn one sentence, the text above is about"
@@ -50,20 +70,7 @@ def test_branches_of_one_prefix_share_one_host_copy(offload):
 def test_killing_the_worker_mid_stream_leaves_the_server_answering(offload):
     before = worker_pids(offload)[-1]
     prompt = long_text(5000, offset=500) + "\n\nWrite a long summary:"
-    chunks = []
-
-    def stream():
-        with requests.post(offload.url + "/generate", json={"text": prompt, "stream": True, "sampling_params": {
-                "max_new_tokens": 40, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=600) as r:
-            for line in r.iter_lines():
-                if line.startswith(b"data: ") and line != b"data: [DONE]":
-                    chunks.append(json.loads(line[6:]))
-
-    t = threading.Thread(target=stream)
-    t.start()
-    deadline = time.time() + 300
-    while len(chunks) < 3 and time.time() < deadline:
-        time.sleep(0.05)
+    t, chunks = stream_until_decoding(offload, prompt, 40)
     os.kill(before, signal.SIGKILL)
     t.join(600)
     assert chunks and chunks[-1]["meta_info"]["completion_tokens"] == 40
@@ -123,22 +130,10 @@ def test_worker_failing_twice_is_replaced_and_the_layer_attended_in_the_schedule
     before = worker_pids(offload)[-1]
     known = worker_processes()
     prompt = long_text(5000, offset=700) + "\n\nWrite a long summary:"
-    chunks = []
     stopped = []
-
-    def stream():
-        with requests.post(offload.url + "/generate", json={"text": prompt, "stream": True, "sampling_params": {
-                "max_new_tokens": 24, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=600) as r:
-            for line in r.iter_lines():
-                if line.startswith(b"data: ") and line != b"data: [DONE]":
-                    chunks.append(json.loads(line[6:]))
-
-    t = threading.Thread(target=stream)
-    t.start()
-    deadline = time.time() + 300
-    while len(chunks) < 3 and time.time() < deadline:
-        time.sleep(0.05)
+    t, chunks = stream_until_decoding(offload, prompt, 24)
     os.kill(before, signal.SIGKILL)
+    deadline = time.time() + 300
     while not stopped and time.time() < deadline:  # the replacement: hang it while it starts
         for pid in worker_processes() - known - {before}:
             os.kill(pid, signal.SIGSTOP)
