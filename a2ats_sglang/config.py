@@ -44,6 +44,7 @@ class A2ATSConfig:
     dense_below: int = 0
     kernel: str = "auto"
     offload: bool = False
+    host_kv_gb: float = 0.0
     worker_timeout: float = 30.0
 
     HELP = {
@@ -55,7 +56,10 @@ class A2ATSConfig:
         "window": "most recent tokens always attended (paper: 64)",
         "dense_below": "decode batches whose longest context is below this many tokens use dense attention",
         "kernel": "sparse decode implementation: auto (Triton on CUDA, the C++ kernel on CPU), torch (reference), triton",
-        "offload": "keep the full KV in shared host memory and attend retrieved tokens in a CPU worker process (--device cpu)",
+        "offload": "keep the full KV in shared host memory and attend retrieved tokens in a CPU worker process; "
+                   "the device keeps codes, sinks and window",
+        "host_kv_gb": "offload: GB of host memory for the full KV pool (0 = auto: half the available host memory per rank "
+                      "on a GPU; on --device cpu the pool shares SGLang's memory budget)",
         "worker_timeout": "seconds before an unanswered CPU worker is replaced",
     }
 
@@ -65,6 +69,8 @@ class A2ATSConfig:
             raise ValueError(f"a2ats: need sinks >= 0 and window >= 1, got sinks={self.sinks}, window={self.window}")
         if self.dense_below < 0:
             raise ValueError(f"a2ats: dense_below must be >= 0, got {self.dense_below}")
+        if self.host_kv_gb < 0:
+            raise ValueError(f"a2ats: host_kv_gb must be >= 0, got {self.host_kv_gb}")
         if self.worker_timeout <= 0:
             raise ValueError(f"a2ats: worker_timeout must be > 0, got {self.worker_timeout}")
         if self.kernel not in KERNELS:

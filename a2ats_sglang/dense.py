@@ -36,6 +36,25 @@ def causal_extend_attention(q, k, v, prefix: int, scale: float, enable_gqa: bool
     return out
 
 
+def paged_extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, prefix_lens,
+                           extend_lens, scale: float, enable_gqa: bool) -> torch.Tensor:
+    """Causal extend of a batch over a token-slot KV pool. query [T, Hq, D] (the new tokens
+    of each request in turn); k_cache [N, Hkv, D] / v_cache [N, Hkv, Dv] hold every token
+    of each sequence, on any device (the rows a request needs are gathered and moved to
+    the query's); writes and returns output [T, Hq, Dv]."""
+    query = query.movedim(0, 1)  # [Hq, T, D]
+    start = 0
+    for i in range(seq_lens.shape[0]):
+        n, prefix, total = int(extend_lens[i]), int(prefix_lens[i]), int(seq_lens[i])
+        tokens = req_to_token[req_pool_indices[i], :total].to(k_cache.device)
+        k = k_cache[tokens].movedim(0, 1).to(query.device, query.dtype)
+        v = v_cache[tokens].movedim(0, 1).to(query.device, query.dtype)
+        out = causal_extend_attention(query[:, start:start + n], k, v, prefix, scale, enable_gqa)
+        output[start:start + n] = out.movedim(0, 1)
+        start += n
+    return output
+
+
 class CpuDenseAttnBackend(TorchNativeAttnBackend):
     """``torch_native`` whose plain causal extend skips the cached prefix's queries."""
 
@@ -48,17 +67,8 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
             return super()._run_sdpa_forward_extend(
                 query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
                 extend_seq_lens, encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
-        query = query.movedim(0, 1)  # [Hq, T, D]
-        start = 0
-        for i in range(seq_lens.shape[0]):
-            n, prefix, total = int(extend_seq_lens[i]), int(extend_prefix_lens[i]), int(seq_lens[i])
-            tokens = req_to_token[req_pool_indices[i], :total]
-            k = k_cache[tokens].movedim(0, 1).to(query.dtype)
-            v = v_cache[tokens].movedim(0, 1).to(query.dtype)
-            out = causal_extend_attention(query[:, start:start + n], k, v, prefix, scaling, enable_gqa)
-            output[start:start + n] = out.movedim(0, 1)
-            start += n
-        return output
+        return paged_extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                                      extend_prefix_lens, extend_seq_lens, scaling, enable_gqa)
 
 
 def dense_backend(model_runner):

@@ -2,7 +2,11 @@
 the same device memory holds, and the CPU sparse-attention kernel's bandwidth
 against a copy on the same machine.
 
-    python benchmarks/offload_memory.py [--model-path DIR] [--device-gib 16]
+    python benchmarks/offload_memory.py [--model-path DIR] [--device-gib 16] [--host-gib 256] [--requests 256]
+
+Pool sizes come from the server's own sizing (:class:`a2ats_sglang.host_pool.OffloadSizing`,
+what the ``--a2ats-offload`` hook gives SGLang): on the device, codes of every token
+plus a resident window (sinks + window of K/V) per request; on the host, full K/V.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from a2ats_sglang.attention import sparse_attention
 from a2ats_sglang.codebook import Codebooks, ModelShape, default_codebook_path
 from a2ats_sglang.default_model import build_default_model
+from a2ats_sglang.host_pool import CODE_BYTES, OffloadSizing
 from a2ats_sglang.kernels.cpu import sparse_attention_cpu
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -59,18 +64,26 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path")
     ap.add_argument("--device-gib", type=float, default=16.0, help="device memory given to the KV cache")
+    ap.add_argument("--host-gib", type=float, default=256.0, help="host memory given to the offload KV pool")
+    ap.add_argument("--requests", type=int, default=256, help="concurrent requests (resident windows on the device)")
+    ap.add_argument("--sinks", type=int, default=8)
+    ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     model = Path(args.model_path or build_default_model())
     books = Codebooks.load(default_codebook_path(model))
     shape = books.shape
+    device, host = int(args.device_gib * 2**30), int(args.host_gib * 2**30)
     rows = []
     for dtype in ("bfloat16", "float32"):
         dense = shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim * BYTES[dtype]
-        codes = shape.num_layers * shape.num_kv_heads * 2  # int16 code per (layer, KV head)
-        rows.append({"dtype": dtype, "dense_bytes_per_token": dense, "a2ats_device_bytes_per_token": codes,
-                     "ratio": codes / dense, "tokens_dense": int(args.device_gib * 2**30 / dense),
-                     "tokens_a2ats": int(args.device_gib * 2**30 / codes)})
+        sizing = OffloadSizing(dense, shape.num_layers * shape.num_kv_heads * CODE_BYTES, (args.sinks + args.window) * dense)
+        tokens = sizing.capacity(device, args.requests, host)
+        used = tokens * sizing.code_cell + args.requests * sizing.window_cell
+        rows.append({"dtype": dtype, "dense_bytes_per_token": dense, "code_bytes_per_token": sizing.code_cell,
+                     "device_bytes_per_token": used / tokens, "ratio": used / tokens / dense,
+                     "tokens_dense": device // dense, "tokens_offload": tokens,
+                     "limited_by": "host" if tokens == host // dense else "device"})
     copy = copy_bandwidth()
     kern = []
     for batch, context in ((1, 16384), (4, 16384), (8, 32768)):
@@ -81,12 +94,16 @@ def main(argv=None):
     torch_threads = torch.get_num_threads()
     lines = [f"Model `{model.name}` ({shape.num_layers} layers, {shape.num_kv_heads} KV heads, head dim {shape.head_dim}); "
              f"{platform.machine()} CPU, {torch_threads} torch threads; {date.today()}.", "",
-             "| KV dtype | dense bytes/token | a2ats device bytes/token (codes) | share of dense | tokens in "
-             f"{args.device_gib:g} GiB, dense | tokens in {args.device_gib:g} GiB, a2ats | ratio |",
-             "|---|---|---|---|---|---|---|"]
+             f"Device KV budget {args.device_gib:g} GiB, host {args.host_gib:g} GiB, {args.requests} resident windows of "
+             f"{args.sinks} + {args.window} tokens.", "",
+             "| KV dtype | dense bytes/token | offload device bytes/token (codes + windows) | share of dense | "
+             "tokens, dense | tokens, offload | ratio | set by |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['dense_bytes_per_token']} | {r['a2ats_device_bytes_per_token']} | {100 * r['ratio']:.2f} % | "
-                     f"{r['tokens_dense']:,} | {r['tokens_a2ats']:,} | **{r['tokens_a2ats'] / r['tokens_dense']:.0f}x** |")
+        lines.append(f"| {r['dtype']} | {r['dense_bytes_per_token']} | {r['device_bytes_per_token']:.0f} "
+                     f"({r['code_bytes_per_token']} + {r['device_bytes_per_token'] - r['code_bytes_per_token']:.0f}) | "
+                     f"{100 * r['ratio']:.2f} % | {r['tokens_dense']:,} | {r['tokens_offload']:,} | "
+                     f"**{r['tokens_offload'] / r['tokens_dense']:.1f}x** | {r['limited_by']} memory |")
     lines += ["", f"Copy bandwidth (torch copy of 512 MiB, read + write): **{copy:.1f} GB/s**.", "",
               "| batch | context | selected per KV head | C++ kernel, K+V read | share of copy | torch reference | share of copy |",
               "|---|---|---|---|---|---|---|"]

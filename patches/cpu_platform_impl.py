@@ -15,13 +15,3 @@ class A2ATSCpuPlatform(CpuDeviceMixin, SRTPlatform):
 
     def get_default_attention_backend(self) -> str:
         return "torch_native"
-
-    def get_kv_pool_cls(self, *, kind):
-        """With a2ats offload on, the MHA pool lives in shared host memory (for the CPU worker)."""
-        from a2ats_sglang.config import A2ATSConfig
-
-        if kind == "mha" and A2ATSConfig.from_env().offload:
-            from a2ats_sglang.host_pool import HostKVPool
-
-            return HostKVPool
-        return None

@@ -7,6 +7,13 @@
 - ``handle_attention_backend_compatibility`` (AFTER): the backend's decode runs
   data-dependent top-K on host-sized shapes, so CUDA graphs are turned off for it
   (logged), as SGLang does for ``torch_native``.
+- With ``--a2ats-offload`` (scheduler processes), on SGLang's KV cache configurator:
+  ``_resolve_kv_pool_class`` (AFTER) gives the MHA pool class
+  :class:`~a2ats_sglang.host_pool.HostKVPool`; ``_profile_available_bytes`` (AFTER)
+  turns the device's KV budget into the offload pool's token count (codes and resident
+  windows on the device, full K/V on the host: :class:`~a2ats_sglang.host_pool.OffloadSizing`),
+  expressed as the byte budget SGLang's own dense sizing divides back into that count;
+  ``resolve_max_num_reqs`` (AFTER) caps concurrent requests at the resident windows reserved.
 """
 
 from __future__ import annotations
@@ -38,6 +45,11 @@ def _from_cli_args(*args, **kwargs):
         cfg = A2ATSConfig.from_cli_namespace(ns)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if cfg.offload and (getattr(ns, "attention_backend", None) != "a2ats" or
+                        getattr(ns, "prefill_attention_backend", None) not in (None, "a2ats") or
+                        getattr(ns, "decode_attention_backend", None) not in (None, "a2ats")):
+        raise SystemExit("error: --a2ats-offload needs --attention-backend a2ats for prefill and decode "
+                         "(the KV pool lives in host memory, which only a2ats reads)")
     if getattr(ns, "attention_backend", None) == "a2ats" or getattr(ns, "decode_attention_backend", None) == "a2ats":
         path = Path(cfg.codebook) if cfg.codebook else default_codebook_path(ns.model_path)
         if Path(ns.model_path).is_dir() and not path.is_file():
@@ -67,6 +79,51 @@ def _disable_cuda_graph(result, server_args, *args, **kwargs):
     return None
 
 
+_offload_requests: dict[int, int] = {}  # configurator -> resident windows reserved (it has __slots__)
+
+
+def _offload_config():
+    from a2ats_sglang.config import A2ATSConfig
+
+    cfg = A2ATSConfig.from_env()
+    return cfg if cfg.offload else None
+
+
+def _host_pool_class(result, configurator, *args, kind=None, **kwargs):
+    if kind == "mha" and _offload_config() is not None:
+        from a2ats_sglang.host_pool import HostKVPool
+
+        return HostKVPool
+    return None
+
+
+def _offload_budget(result, configurator, *args, **kwargs):
+    cfg = _offload_config()
+    if cfg is None:
+        return None
+    from sglang.srt.runtime_context import get_schedule
+
+    from a2ats_sglang.host_pool import OffloadSizing, host_kv_bytes
+
+    sizing = OffloadSizing.of(configurator, cfg.sinks, cfg.window)
+    requests = get_schedule().max_running_requests or sizing.default_requests(result)
+    host = host_kv_bytes(cfg.host_kv_gb, configurator.device)
+    tokens = sizing.capacity(result, requests, host)
+    _offload_requests[id(configurator)] = requests
+    logger.info(
+        "a2ats offload: %d tokens of KV in host memory (%d B/token%s); on the device %d B/token of codes and "
+        "%d resident windows of %.2f MiB (device KV budget %.2f GiB)",
+        tokens, sizing.dense_cell, f", {host / 2**30:.2f} GiB given" if host is not None else ", shared with the device",
+        sizing.code_cell, requests, sizing.window_cell / 2**20, result / 2**30,
+    )
+    return tokens * sizing.dense_cell
+
+
+def _cap_requests(result, configurator, *args, **kwargs):
+    cap = _offload_requests.get(id(configurator))
+    return cap if cap is not None and result > cap else None
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -77,3 +134,7 @@ def install() -> None:
     HookRegistry.register(
         "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility", _disable_cuda_graph, HookType.AFTER
     )
+    configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
+    HookRegistry.register(configurator + "_resolve_kv_pool_class", _host_pool_class, HookType.AFTER)
+    HookRegistry.register(configurator + "_profile_available_bytes", _offload_budget, HookType.AFTER)
+    HookRegistry.register(configurator + "resolve_max_num_reqs", _cap_requests, HookType.AFTER)

@@ -143,3 +143,39 @@ def test_tensor_parallel_kv_head_split():
 
     assert [local_kv_heads(8, r, 4) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
     assert [local_kv_heads(2, r, 4) for r in range(4)] == [slice(0, 1), slice(0, 1), slice(1, 2), slice(1, 2)]
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_offload_extend_is_exact_and_fills_the_resident_windows(env, monkeypatch, page_size):
+    """Offload mode on the kit: K/V in the shared host pool (a real CPU worker started),
+    extend over cached prefixes equals the kit's dense reference, and afterwards each
+    request's resident window holds exactly its sinks and last positions, copied from
+    the host pool, though the device-side rows held another request's tokens before."""
+    from a2ats_sglang.host_pool import HostKVPool
+
+    sinks, window = 4, 8
+    monkeypatch.setattr(kit, "MHATokenToKVPool", HostKVPool)
+    env(4, 2, sinks=sinks, window=window, offload=True)
+    case = kit.DenseAttentionCase(name="a2ats_offload", backend="a2ats", forward_mode=ForwardMode.EXTEND, num_heads=4,
+                                  num_kv_heads=2, page_size=page_size, prefix_lens=(0, 40, 15, 2), extend_lens=(30, 12, 1, 3))
+    fixture = kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
+    backend, fb, pool = fixture.backend, fixture.forward_batch, fixture.runner.token_to_kv_pool
+    try:
+        assert isinstance(pool, HostKVPool) and backend.worker is not None and backend.dense is None
+        res = backend.resident
+        for t in res.k + res.v:  # stale: rows last used by other requests
+            t.normal_()
+        out = kit.run_dense_fixture_eager(fixture)
+        torch.testing.assert_close(out, kit.expected_dense_fixture_output(fixture), atol=1e-4, rtol=1e-4)
+        req_to_token = fixture.runner.req_to_token_pool.req_to_token
+        for b, n in enumerate(case.seq_lens):
+            req = fb.req_pool_indices[b]
+            pos = torch.tensor(sorted(set(range(min(sinks, n))) | set(range(max(sinks, n - window), n))))
+            slots = req_to_token[req, pos].long()
+            rows = res.rows(req.expand(len(pos)), pos)
+            assert torch.equal(res.k[0][rows], pool.k_buffer[0][slots])
+            assert torch.equal(res.v[0][rows], pool.v_buffer[0][slots])
+            decode = res.decode_rows(req.view(1), torch.tensor([n]))[0]
+            assert sorted(decode[decode >= 0].tolist()) == sorted(rows.tolist())
+    finally:
+        backend.worker.close()

@@ -14,7 +14,7 @@ import requests
 from conftest import SERVER_ARGS
 from test_server import generate
 
-from a2ats_sglang.server import launch_server
+from a2ats_sglang.server import launch_server, run_server_expecting_failure
 from a2ats_sglang.texts import long_text
 
 pytestmark = pytest.mark.server
@@ -59,12 +59,14 @@ def test_offload_gives_the_same_tokens_as_on_device(offload, a2ats):
     assert re.search(r"a2ats decode batch: .* attended [\d.]+% of context", offload.log())
 
 
-def test_branches_of_one_prefix_share_one_host_copy(offload):
+def test_branches_of_one_prefix_share_one_host_copy(offload, a2ats):
     prefix = long_text(3000, offset=300)
     a = generate(offload, prefix + "\n\nQuestion one: what is the first subject?", 12)
     b = generate(offload, prefix + "\n\nQuestion two: what is the last subject?", 12)
     # The second branch found the prefix's slots (so its host KV) in the radix tree, not a copy.
     assert b["meta_info"]["cached_tokens"] >= a["meta_info"]["prompt_tokens"] - 20, b["meta_info"]
+    # ...and its device-side window (sinks, last tokens) was rebuilt from that host copy.
+    assert b["text"] == generate(a2ats, prefix + "\n\nQuestion two: what is the last subject?", 12)["text"]
 
 
 def test_killing_the_worker_mid_stream_leaves_the_server_answering(offload):
@@ -148,3 +150,27 @@ def test_worker_failing_twice_is_replaced_and_the_layer_attended_in_the_schedule
     os.kill(after, 0)  # the third worker is alive, the hung one is gone
     assert stopped[0] not in worker_processes()
     assert generate(offload, prompt, 4)["meta_info"]["completion_tokens"] == 4
+
+
+def test_host_memory_sets_the_pool_size(default_model_dir):
+    """--a2ats-host-kv-gb sizes the pool: the device budget would hold far more tokens
+    (codes only), the host holds full K/V; long prompts still complete."""
+    host_gb = 0.05
+    args = ["--a2ats-offload", "--a2ats-host-kv-gb", str(host_gb), "--max-running-requests", "4", "--decode-log-interval", "1"]
+    with launch_server(default_model_dir, "a2ats", args) as srv:
+        log = srv.log()
+        cfg = json.loads((default_model_dir / "config.json").read_text())
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        dense_cell = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * head_dim * 4  # float32 K and V
+        tokens = int(re.search(r"max_total_num_tokens=(\d+)", log).group(1))
+        assert tokens == int(host_gb * 2**30) // dense_cell
+        budget = float(re.search(r"device KV budget ([\d.]+) GiB", log).group(1)) * 2**30
+        assert tokens < budget // dense_cell  # the device alone would have held more: host memory decided
+        assert re.search(r"a2ats offload: on the device [\d.]+ MiB of codes \(%d tokens\)" % tokens, log)
+        r = generate(srv, long_text(2000, offset=3000) + "\n\nSummary:", 4)
+        assert r["meta_info"]["completion_tokens"] == 4
+
+
+def test_offload_without_the_a2ats_backend_is_refused(default_model_dir):
+    code, out = run_server_expecting_failure(default_model_dir, "torch_native", ["--a2ats-offload"])
+    assert code != 0 and "--a2ats-offload needs --attention-backend a2ats" in out
