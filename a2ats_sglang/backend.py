@@ -196,10 +196,6 @@ class A2ATSAttnBackend(AttentionBackend):
                     requests, pool.kv_layout.nbytes / 2**30)
         return resident
 
-    def device_bytes(self) -> int:
-        """Bytes this backend keeps on the device per pool: codes, and the resident window in offload mode."""
-        return self.codes.numel() * self.codes.element_size() + (self.resident.nbytes if self.resident else 0)
-
     def _start_worker(self, model_runner, hq_local: int, hkv_local: int):
         """Offload mode: start this rank's CPU worker on the shared host pool."""
         from a2ats_sglang.worker import CPUAttentionWorker

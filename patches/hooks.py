@@ -108,12 +108,12 @@ def _offload_budget(result, configurator, *args, **kwargs):
     sizing = OffloadSizing.of(configurator, cfg.sinks, cfg.window)
     requests = get_schedule().max_running_requests or sizing.default_requests(result)
     host = host_kv_bytes(cfg.host_kv_gb, configurator.device)
-    tokens = sizing.capacity(result, requests, host)
+    tokens = sizing.capacity(result, requests + 1, host)  # SGLang's request table has one padding row
     _offload_requests[id(configurator)] = requests
     logger.info(
         "a2ats offload: %d tokens of KV in host memory (%d B/token%s); on the device %d B/token of codes and "
         "%d resident windows of %.2f MiB (device KV budget %.2f GiB)",
-        tokens, sizing.dense_cell, f", {host / 2**30:.2f} GiB given" if host is not None else ", shared with the device",
+        tokens, sizing.dense_cell, f", {host / 2**30:.2f} GiB of host memory for it" if host is not None else ", shared with the device",
         sizing.code_cell, requests, sizing.window_cell / 2**20, result / 2**30,
     )
     return tokens * sizing.dense_cell
