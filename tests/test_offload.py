@@ -100,7 +100,8 @@ def test_dozens_of_concurrent_multi_turn_sessions(offload):
 
 
 def test_host_pool_full_evicts_instead_of_failing(default_model_dir):
-    """A pool too small for all prompts: the radix cache evicts finished prefixes, every request completes."""
+    """A pool too small for all prompts: the radix cache evicts finished prefixes, every request
+    completes; one longer than the whole pool is refused with a clear error."""
     args = ["--max-total-tokens", "2000", "--a2ats-offload", "--decode-log-interval", "1", "--enable-cache-report"]
     with launch_server(default_model_dir, "a2ats", args) as srv:
         prompts = [long_text(3000, offset=1000 + 50 * i) + "\n\nSummary:" for i in range(5)]
@@ -108,6 +109,11 @@ def test_host_pool_full_evicts_instead_of_failing(default_model_dir):
             assert generate(srv, p, 4)["meta_info"]["prompt_tokens"] > 600
         again = generate(srv, prompts[0], 4)  # its prefix was evicted to make room: recomputed, still right
         assert again["meta_info"]["cached_tokens"] < again["meta_info"]["prompt_tokens"] // 2
+        # a request longer than the whole host pool: a clear error for it, the server serves on
+        r = requests.post(srv.url + "/generate", json={"text": long_text(12000, offset=4000), "sampling_params": {
+            "max_new_tokens": 4, "temperature": 0}}, timeout=300)
+        assert r.status_code == 400 and "exceeds the maximum allowed length" in r.json()["error"]["message"]
+        assert generate(srv, prompts[1], 4)["meta_info"]["completion_tokens"] == 4
         assert "Traceback" not in srv.log()
 
 
