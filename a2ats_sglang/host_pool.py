@@ -11,6 +11,7 @@ model's device is per token only the codes (and per request the resident window,
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
 from a2ats_sglang.shared_memory import KVLayout, SharedRegion
 
+logger = logging.getLogger(__name__)
 HOST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CODE_BYTES = 2  # one int16 code per (layer, KV head, token)
 
@@ -34,7 +36,9 @@ class HostKVPool(MHATokenToKVPool):
                              f"(use --kv-cache-dtype auto with a float32/bfloat16/float16 model)")
         k_shape, v_shape = self._kv_buffer_shapes()
         self.kv_layout = KVLayout(self.layer_num, k_shape[0], k_shape[1], k_shape[2], v_shape[2], self.store_dtype)
-        self.shared_region = SharedRegion.create(self.kv_layout.nbytes, "a2ats-kv")
+        self.shared_region = SharedRegion.create(self.kv_layout.nbytes, "a2ats-kv", huge_pages=True)
+        logger.info("a2ats offload: host KV pool of %.2f GiB in %s", self.kv_layout.nbytes / 2**30,
+                    "reserved 2 MiB pages" if self.shared_region.hugetlb else "shared memory (huge pages if shmem THP allows)")
         self.k_buffer, self.v_buffer = self.kv_layout.views(self.shared_region)
 
     def _init_kv_copy_and_warmup(self):

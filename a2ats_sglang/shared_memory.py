@@ -2,7 +2,12 @@
 
 A region is reachable only through its file descriptor, which the owner hands
 to the worker process it starts (``pass_fds``): no name in /dev/shm, nothing to
-unlink, nothing left behind when a process is killed."""
+unlink, nothing left behind when a process is killed.
+
+The KV pool is read at scattered rows, so its TLB reach matters: a region asked for
+with ``huge_pages`` uses 2 MiB pages where the system has them (reserved hugetlb pages,
+else transparent huge pages for shared memory when the kernel's ``shmem_enabled`` is
+``advise``/``always``), and plain pages otherwise."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+HUGE_PAGE = 2 << 20
+
 
 @dataclass
 class SharedRegion:
@@ -20,16 +27,37 @@ class SharedRegion:
     buf: mmap.mmap
 
     @classmethod
-    def create(cls, nbytes: int, name: str = "a2ats") -> "SharedRegion":
+    def create(cls, nbytes: int, name: str = "a2ats", huge_pages: bool = False) -> "SharedRegion":
+        if huge_pages:
+            size, fd = align(max(1, nbytes), HUGE_PAGE), -1
+            try:
+                fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
+                os.ftruncate(fd, size)
+                # hugetlb shared mappings reserve their pages here: ENOMEM when too few are free
+                return cls(fd, nbytes, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+            except OSError:
+                if fd >= 0:
+                    os.close(fd)
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(fd, max(1, nbytes))
-        return cls(fd, nbytes, mmap.mmap(fd, max(1, nbytes), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+        region = cls(fd, nbytes, mmap.mmap(fd, max(1, nbytes), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+        if huge_pages:
+            region.buf.madvise(mmap.MADV_HUGEPAGE)  # honoured if shmem THP is 'advise' or 'always'
+        return region
 
     @classmethod
     def attach(cls, fd: int, nbytes: int) -> "SharedRegion":
-        if os.fstat(fd).st_size < nbytes:
-            raise ValueError(f"shared region fd {fd} has {os.fstat(fd).st_size} bytes, expected {nbytes}")
-        return cls(fd, nbytes, mmap.mmap(fd, max(1, nbytes), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+        size = os.fstat(fd).st_size  # a hugetlb region is rounded up to whole huge pages
+        if size < nbytes:
+            raise ValueError(f"shared region fd {fd} has {size} bytes, expected {nbytes}")
+        region = cls(fd, nbytes, mmap.mmap(fd, max(1, size), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+        region.buf.madvise(mmap.MADV_HUGEPAGE)
+        return region
+
+    @property
+    def hugetlb(self) -> bool:
+        """Backed by reserved 2 MiB pages (hugetlbfs reports them as its block size)."""
+        return os.fstat(self.fd).st_blksize >= HUGE_PAGE
 
     def tensor(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A view of ``shape``/``dtype`` at byte ``offset`` (aligned to the dtype)."""

@@ -20,7 +20,7 @@ HQ, HKV, D = 6, 2, 16
 @pytest.fixture
 def pool():
     layout = KVLayout(num_layers=2, slots=500, kv_heads=HKV, head_dim=D, v_head_dim=D, dtype=torch.float32)
-    region = SharedRegion.create(layout.nbytes)
+    region = SharedRegion.create(layout.nbytes, huge_pages=True)  # as the host KV pool is
     ks, vs = layout.views(region)
     for t in ks + vs:
         t.copy_(torch.randn_like(t))
@@ -159,3 +159,23 @@ def test_worker_exits_when_its_parent_dies(tmp_path):
     else:
         pytest.fail("worker outlived its parent")
     assert not os.path.exists(d)
+
+
+@pytest.mark.parametrize("huge_pages", [False, True])
+def test_region_is_shared_through_its_descriptor(huge_pages):
+    """Writes through one mapping are seen through another of the same fd; a hugetlb region
+    (where the system reserves 2 MiB pages) is whole huge pages, else exactly the size."""
+    region = SharedRegion.create(3 * 4096 + 12, huge_pages=huge_pages)
+    other = SharedRegion.attach(region.fd, region.nbytes)
+    try:
+        region.tensor(4096, (3,), torch.float32).copy_(torch.tensor([1.0, 2.0, 3.0]))
+        assert other.tensor(4096, (3,), torch.float32).tolist() == [1.0, 2.0, 3.0]
+        size = os.fstat(region.fd).st_size
+        assert size % (2 << 20) == 0 if region.hugetlb else size == region.nbytes
+        with pytest.raises(ValueError, match="does not fit"):
+            other.tensor(region.nbytes - 4, (2,), torch.float32)
+        with pytest.raises(ValueError, match="expected"):
+            SharedRegion.attach(region.fd, size + 1)
+    finally:
+        other.close()
+        region.close()
