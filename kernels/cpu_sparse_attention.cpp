@@ -1,9 +1,11 @@
 // CPU sparse decode attention over per-KV-head lists of selected slots.
 //
 // Work is split into (request, KV head, chunk of selected rows) items so every core is
-// busy even at batch 1; each item streams its rows in blocks: the g query heads of the
-// group score a block of K rows (vectorized dot products), update their running max and
-// sum once per block, then accumulate the block's V rows. Rows are scattered in the
+// busy even at batch 1; each item streams its rows in blocks of 16: the g query heads of
+// the group score a block of K rows (16-lane products, the 16 rows' sums reduced together
+// by a transpose-and-add network), update their running max and sum once per block, then
+// accumulate the block's V rows with each slice of the output held in a register over
+// the block. Rows are scattered in the
 // pool, so the next block's K and V rows (every cache line of them) are prefetched
 // while the current one is computed. Partial results of the chunks merge by
 // log-sum-exp. Parallel with ATen's thread pool.
@@ -19,7 +21,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 16;    // rows scored together
+constexpr int64_t kBlock = 16;    // rows scored together (block_dots assumes 16)
 constexpr int64_t kChunk = 256;   // rows per work item
 constexpr int64_t kLine = 64;     // cache line bytes
 
@@ -73,6 +75,51 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// Horizontal sums of 16 vectors at once: lane r of the result is the sum of p[r]'s lanes.
+// Four levels of pairwise "transpose and add" (15 shuffle pairs instead of 16 reductions).
+inline v16 hsum16(v16* p) {
+  v16 c[8], e[4], f[2];
+  for (int j = 0; j < 8; ++j)
+    c[j] = __builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p[2 * j], p[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int j = 0; j < 4; ++j)
+    e[j] = __builtin_shufflevector(c[2 * j], c[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(c[2 * j], c[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int j = 0; j < 2; ++j)
+    f[j] = __builtin_shufflevector(e[2 * j], e[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(e[2 * j], e[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(f[0], f[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(f[0], f[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Scores of a full block: s[g * 16 + r] = q_g . k_r for the G query rows (D % 16 == 0).
+inline void block_dots(const float* __restrict q, const float* const* k, int64_t G, int64_t D, float* s) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    v16 p[16];
+    for (int r = 0; r < 16; ++r) p[r] = v16{};
+    for (int64_t d = 0; d < D; d += 16) {
+      const v16 qd = load16(qg + d);
+      for (int r = 0; r < 16; ++r) p[r] += qd * load16(k[r] + d);
+    }
+    const v16 out = hsum16(p);
+    std::memcpy(s + g * 16, &out, sizeof(out));
+  }
+}
+
+// y[0:n) += sum_r p[r] * x[r][0:n): each 16-lane slice of y stays in a register over the rows.
+inline void accumulate(float* __restrict y, const float* p, const float* const* x, int64_t rows, int64_t n) {
+  if (n % 16 == 0) {
+    for (int64_t i = 0; i < n; i += 16) {
+      v16 a = load16(y + i);
+      for (int64_t r = 0; r < rows; ++r) a += p[r] * load16(x[r] + i);
+      std::memcpy(y + i, &a, sizeof(a));
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) axpy(y, p[r], x[r], n);
+}
+
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += kLine) __builtin_prefetch(c + o, 0, 1);
@@ -101,7 +148,7 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
   std::vector<float> parts(B * Hkv * chunks * part);
 
   at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(G * D), s(G * kBlock), kbuf(kBlock * D), vbuf(Dv);
+    std::vector<float> qs(G * D), s(G * kBlock), kbuf(kBlock * D), vbuf(kBlock * Dv), zeros(D);
     const float* krow[kBlock];
     const T* vrow[kBlock];
     for (int64_t item = begin; item < end; ++item) {
@@ -133,7 +180,12 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
           ++n;
         }
         if (n == 0) continue;
-        for (int64_t r = 0; r < n; ++r) dots(qs.data(), krow[r], G, D, s.data() + r, kBlock);
+        if (D % 16 == 0) {  // a whole block at once; rows past n read zeros and are not used
+          for (int64_t r = n; r < kBlock; ++r) krow[r] = zeros.data();
+          block_dots(qs.data(), krow, G, D, s.data());
+        } else {
+          for (int64_t r = 0; r < n; ++r) dots(qs.data(), krow[r], G, D, s.data() + r, kBlock);
+        }
         for (int64_t g = 0; g < G; ++g) {
           float* sg = s.data() + g * kBlock;
           float bmax = neg_inf;
@@ -153,10 +205,9 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
             l[g] += sg[r];
           }
         }
-        for (int64_t r = 0; r < n; ++r) {
-          const float* vr = as_float(vrow[r], vbuf.data(), Dv);
-          for (int64_t g = 0; g < G; ++g) axpy(acc + g * Dv, s[g * kBlock + r], vr, Dv);
-        }
+        const float* vr[kBlock];
+        for (int64_t r = 0; r < n; ++r) vr[r] = as_float(vrow[r], vbuf.data() + r * Dv, Dv);
+        for (int64_t g = 0; g < G; ++g) accumulate(acc + g * Dv, s.data() + g * kBlock, vr, n, Dv);
       }
     }
   });

@@ -69,13 +69,14 @@ def test_merge_kernel_matches_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cap", [0.0, 4.0])
-def test_cpu_kernel_matches_reference(dtype, cap):
+@pytest.mark.parametrize("d,dv", [(64, 32), (40, 24), (128, 128)])  # vector paths, and head dims off 16 lanes
+def test_cpu_kernel_matches_reference(dtype, cap, d, dv):
     from a2ats_sglang.kernels import cpu
 
     if not cpu.available():
         pytest.skip("no C++ compiler for the CPU kernel")
-    k_buf, v_buf = torch.randn(300, 3, 64).to(dtype), torch.randn(300, 3, 32).to(dtype)
-    q = torch.randn(3, 9, 64)
+    k_buf, v_buf = torch.randn(300, 3, d).to(dtype), torch.randn(300, 3, dv).to(dtype)
+    q = torch.randn(3, 9, d)
     slots = torch.randint(0, 300, (3, 3, 50))
     slots[0, :, 20:] = -1  # ragged
     slots[2] = -1  # empty selection
