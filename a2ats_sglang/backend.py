@@ -47,13 +47,15 @@ class DecodeMetadata:
     no retrieval); fixed_slots int64 [B, Hkv, F]: slots of the part attended in every
     layer read from the pool (sinks, window, covered requests; in offload mode the part
     of it outside the resident window); window_rows int64 [B, Hkv, S + W] (offload): the
-    resident window's rows. Only seq_lens for a dense decode batch (not offloaded)."""
+    resident window's rows; new_rows int64 [B] (offload): where the new token goes in it.
+    Only seq_lens for a dense decode batch (not offloaded)."""
 
     seq_lens: torch.Tensor
     slots: torch.Tensor | None = None
     plan: SelectionPlan | None = None
     fixed_slots: torch.Tensor | None = None
     window_rows: torch.Tensor | None = None
+    new_rows: torch.Tensor | None = None
 
     @property
     def sparse(self) -> bool:
@@ -248,8 +250,9 @@ class A2ATSAttnBackend(AttentionBackend):
         exact = inside if dense else plan.fixed  # attended in full; the resident window holds part of it
         on_host = exact & ~self.resident.kept(pos, seq_lens.view(-1, 1))
         fixed = ops.selected_slots(on_host.unsqueeze(1).expand(-1, hkv, -1), slots)
-        window = self.resident.decode_rows(forward_batch.req_pool_indices, seq_lens).unsqueeze(1).expand(-1, hkv, -1)
-        return DecodeMetadata(seq_lens, slots, None if dense else plan, fixed, window)
+        req = forward_batch.req_pool_indices
+        window = self.resident.decode_rows(req, seq_lens).unsqueeze(1).expand(-1, hkv, -1)
+        return DecodeMetadata(seq_lens, slots, None if dense else plan, fixed, window, self.resident.rows(req, seq_lens - 1))
 
     def _extend_metadata(self, forward_batch) -> ExtendMetadata:
         """Offload mode: which tokens of an extend batch go into the resident window."""
@@ -258,12 +261,10 @@ class A2ATSAttnBackend(AttentionBackend):
         tok_len = torch.repeat_interleave(lens, ext)
         new_index = self.resident.kept(forward_batch.positions, tok_len).nonzero().squeeze(1)
         new_rows = self.resident.rows(tok_req[new_index], forward_batch.positions[new_index])
-        sinks, window = self.config.sinks, self.config.window
         reqs, positions = [], []
         for i, (p, n) in enumerate(zip(forward_batch.extend_prefix_lens_cpu, forward_batch.seq_lens_cpu.tolist())):
-            if p > 0:  # the window's tokens of the cached prefix: sinks, and the tail that stays in the window
-                tail = max(sinks, n - window)
-                pos = torch.cat([torch.arange(min(sinks, p)), torch.arange(tail, max(tail, p))])
+            if p > 0:
+                pos = self.resident.prefix_positions(p, n)
                 reqs.append(torch.full_like(pos, i))
                 positions.append(pos)
         if not positions:
@@ -328,8 +329,7 @@ class A2ATSAttnBackend(AttentionBackend):
         if save_kv_cache and k is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
             if self.resident is not None:
-                rows = self.resident.rows(forward_batch.req_pool_indices, forward_batch.positions)
-                self.resident.store(layer.layer_id, rows, k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
+                self.resident.store(layer.layer_id, meta.new_rows, k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
                                     v.view(-1, layer.tp_k_head_num, layer.v_head_dim))
         b, hq, d = forward_batch.batch_size, layer.tp_q_head_num, layer.qk_head_dim
         q3 = q.reshape(b, hq, d)

@@ -37,8 +37,8 @@ class HostKVPool(MHATokenToKVPool):
         k_shape, v_shape = self._kv_buffer_shapes()
         self.kv_layout = KVLayout(self.layer_num, k_shape[0], k_shape[1], k_shape[2], v_shape[2], self.store_dtype)
         self.shared_region = SharedRegion.create(self.kv_layout.nbytes, "a2ats-kv", huge_pages=True)
-        logger.info("a2ats offload: host KV pool of %.2f GiB in %s", self.kv_layout.nbytes / 2**30,
-                    "reserved 2 MiB pages" if self.shared_region.hugetlb else "shared memory (huge pages if shmem THP allows)")
+        pages = "reserved 2 MiB pages" if self.shared_region.hugetlb else "shared memory (huge pages if shmem THP allows)"
+        logger.info("a2ats offload: host KV pool of %.2f GiB in %s", self.kv_layout.nbytes / 2**30, pages)
         self.k_buffer, self.v_buffer = self.kv_layout.views(self.shared_region)
 
     def _init_kv_copy_and_warmup(self):

@@ -37,6 +37,12 @@ class ResidentWindow:
         """bool [...]: position p of a sequence of ``seq_lens`` tokens is a sink or in its window."""
         return (positions < self.sinks) | (positions >= seq_lens - self.window)
 
+    def prefix_positions(self, prefix: int, seq_len: int) -> torch.Tensor:
+        """int64 [P]: the positions below ``prefix`` (already cached) that are :meth:`kept`
+        in a sequence of ``seq_len`` tokens: its sinks and the part of the window in the prefix."""
+        tail = max(self.sinks, seq_len - self.window)
+        return torch.cat([torch.arange(min(self.sinks, prefix)), torch.arange(tail, max(tail, prefix))])
+
     def decode_rows(self, req: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         """int64 [B, S + W]: the rows a decode step attends (its first min(L, S + W)), -1 after."""
         i = torch.arange(self.width, device=req.device)

@@ -86,3 +86,11 @@ def test_windows_that_do_not_fit_the_device_are_an_error():
     with pytest.raises(ValueError, match="resident windows .* do not fit"):
         s.capacity(s.window_cell * 10, 10, 1 << 30)
     assert s.default_requests(s.window_cell * 10) == 2  # a quarter of the budget
+
+
+@pytest.mark.parametrize("prefix,n", [(1, 5), (3, 4), (10, 12), (20, 21), (30, 60), (7, 7)])
+def test_prefix_positions_are_the_kept_positions_of_the_cached_prefix(prefix, n):
+    res = ResidentWindow(1, 1, S, W, HKV, D, D, torch.float32, "cpu")
+    pos = torch.arange(prefix)
+    want = pos[res.kept(pos, torch.tensor(n))]
+    assert res.prefix_positions(prefix, n).tolist() == want.tolist()
