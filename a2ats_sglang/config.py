@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from a2ats_sglang.retrieval import Budget
+from a2ats_sglang.core.retrieval import Budget
 
 ENV_PREFIX = "SGLANG_A2ATS_"
 KERNELS = ("auto", "torch", "triton")
@@ -48,7 +48,7 @@ class A2ATSConfig:
     worker_timeout: float = 30.0
 
     HELP = {
-        "codebook": "codebooks file (default: MODEL_PATH/a2ats/codebooks.safetensors); build with python -m a2ats_sglang.calibrate",
+        "codebook": "codebooks file (default: MODEL_PATH/a2ats/codebooks.safetensors); build with python -m a2ats_sglang.calibration",
         "budget": "share of each request's context every query head retrieves, in (0, 1] (paper: 0.03)",
         "min_tokens": "retrieve at least this many tokens per query head",
         "max_tokens": "retrieve at most this many tokens per query head",

@@ -24,13 +24,13 @@ def register() -> None:
 
     @register_attention_backend(BACKEND_NAME)
     def create(model_runner):
-        from a2ats_sglang.backend import create_a2ats_backend
+        from a2ats_sglang.backend.shell import create_a2ats_backend
 
         return create_a2ats_backend(model_runner)
 
     @register_attention_backend(DENSE_BACKEND_NAME)
     def create_dense(model_runner):
-        from a2ats_sglang.dense import CpuDenseAttnBackend
+        from a2ats_sglang.backend.dense import CpuDenseAttnBackend
 
         if str(model_runner.device) != "cpu":
             raise ValueError(f"{DENSE_BACKEND_NAME} is a CPU backend; on {model_runner.device} use triton or flashinfer")

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import requests
 
-from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
-from a2ats_sglang.server import launch_server, on_cpu, stream_token_times
-from a2ats_sglang.texts import long_text
+from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+from a2ats_sglang.harness.server import launch_server, on_cpu, stream_token_times
+from a2ats_sglang.calibration.texts import long_text
 
 TAIL = 8
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from a2ats_sglang import ops
-from a2ats_sglang.retrieval import Budget, SelectionPlan, distance_bounds, wrope_distances
-from a2ats_sglang.rope import RopeSpec
+from a2ats_sglang.core.retrieval import Budget, SelectionPlan, distance_bounds, wrope_distances
+from a2ats_sglang.core.rope import RopeSpec
 
 
 def cuda_ms(fn, iters: int = 20) -> float:

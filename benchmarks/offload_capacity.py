@@ -31,9 +31,9 @@ import psutil
 import requests
 from transformers import AutoTokenizer
 
-from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
-from a2ats_sglang.server import launch_server, on_cpu
-from a2ats_sglang.texts import long_text
+from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+from a2ats_sglang.harness.server import launch_server, on_cpu
+from a2ats_sglang.calibration.texts import long_text
 
 WEIGHT_OVERHEAD = 0.15  # GiB the server allocates after profiling its free memory, besides the weights
 

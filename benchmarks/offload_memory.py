@@ -4,7 +4,7 @@ against a copy on the same machine.
 
     python benchmarks/offload_memory.py [--model-path DIR] [--device-gib 16] [--host-gib 256] [--requests 256]
 
-Pool sizes come from the server's own sizing (:class:`a2ats_sglang.host_pool.OffloadSizing`,
+Pool sizes come from the server's own sizing (:class:`a2ats_sglang.offload.host_pool.OffloadSizing`,
 what the ``--a2ats-offload`` hook gives SGLang): on the device, codes of every token
 plus a resident window (sinks + window of K/V) per request; on the host, full K/V.
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from a2ats_sglang.attention import sparse_attention
-from a2ats_sglang.codebook import Codebooks, ModelShape, default_codebook_path
-from a2ats_sglang.default_model import build_default_model
-from a2ats_sglang.host_pool import CODE_BYTES, OffloadSizing
+from a2ats_sglang.core.attention import sparse_attention
+from a2ats_sglang.core.codebook import Codebooks, ModelShape, default_codebook_path
+from a2ats_sglang.harness.default_model import build_default_model
+from a2ats_sglang.offload.host_pool import CODE_BYTES, OffloadSizing
 from a2ats_sglang.kernels.cpu import sparse_attention_cpu
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

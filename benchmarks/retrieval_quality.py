@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from a2ats_sglang import retrieval
-from a2ats_sglang.calibrate import FitSettings, collect, fit
-from a2ats_sglang.capture import load_hf_model, run_documents
-from a2ats_sglang.codebook import LayerCodebook
-from a2ats_sglang.default_model import build_default_model
-from a2ats_sglang.texts import long_text
+from a2ats_sglang.core import retrieval
+from a2ats_sglang.calibration.calibrate import FitSettings, collect, fit
+from a2ats_sglang.calibration.capture import load_hf_model, run_documents
+from a2ats_sglang.core.codebook import LayerCodebook
+from a2ats_sglang.harness.default_model import build_default_model
+from a2ats_sglang.calibration.texts import long_text
 
 BUDGETS = (0.01, 0.02, 0.03, 0.05, 0.10)
 

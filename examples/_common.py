@@ -19,8 +19,8 @@ def server_url(args, backend: str = "a2ats", url: str | None = None):
         with nullcontext():
             yield url.rstrip("/"), None
         return
-    from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
-    from a2ats_sglang.server import launch_server
+    from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+    from a2ats_sglang.harness.server import launch_server
 
     model = args.model_path or build_default_model()
     if not args.model_path:

@@ -27,7 +27,7 @@ QUESTIONS = [
 def run(url: str, turns: int, max_tokens: int, doc_chars: int) -> list[dict]:
     from openai import OpenAI
 
-    from a2ats_sglang.texts import long_text
+    from a2ats_sglang.calibration.texts import long_text
 
     client = OpenAI(base_url=url + "/v1", api_key="none")
     messages = [{"role": "system", "content": "You are a helpful assistant. Use this document:\n\n" + long_text(doc_chars)}]

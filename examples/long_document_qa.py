@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from a2ats_sglang.server import decode_ms_per_token
+from a2ats_sglang.harness.server import decode_ms_per_token
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import server_url  # noqa: E402
@@ -36,7 +36,7 @@ def ask(url: str, doc: str, role: str, max_new_tokens: int) -> dict:
 
 
 def run(a2ats_url: str, dense_url: str, doc_chars: int, questions: int, a2ats_log=None) -> list[dict]:
-    from a2ats_sglang.texts import long_text
+    from a2ats_sglang.calibration.texts import long_text
 
     rows = []
     for i, (role, name) in enumerate(FACTS[:questions]):

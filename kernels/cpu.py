@@ -30,10 +30,10 @@ def available() -> bool:
 
 
 def sparse_attention_cpu(q, k_buf, v_buf, slots, scale: float, logit_cap: float = 0.0):
-    """Same contract as :func:`a2ats_sglang.attention.sparse_attention`, on CPU tensors."""
+    """Same contract as :func:`a2ats_sglang.core.attention.sparse_attention`, on CPU tensors."""
     ext = _extension()
     if ext is None:
-        from a2ats_sglang.attention import sparse_attention
+        from a2ats_sglang.core.attention import sparse_attention
 
         return sparse_attention(q, k_buf, v_buf, slots, scale, logit_cap)
     out, lse = ext.sparse_attention(q.float(), k_buf, v_buf, slots.long(), float(scale), float(logit_cap))
@@ -43,7 +43,7 @@ def sparse_attention_cpu(q, k_buf, v_buf, slots, scale: float, logit_cap: float 
 def retrieve_cpu(lut, codes_buf, slots, plan, bounds):
     """One layer's retrieved slots int64 [B, Hkv, S] (ascending position, -1 pad) from
     lut f32 [B, Hq, NB, C], codes_buf int16 [N, Hkv], slots int64 [B, L], the batch's
-    :class:`~a2ats_sglang.retrieval.SelectionPlan` and the WRoPE bucket bounds f32 [NB-1];
+    :class:`~a2ats_sglang.core.retrieval.SelectionPlan` and the WRoPE bucket bounds f32 [NB-1];
     None without the extension (the caller uses the torch path)."""
     ext = _extension()
     if ext is None:

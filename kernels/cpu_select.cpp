@@ -2,7 +2,7 @@
 // the top-K of every query head, unioned over its GQA group, in one pass per
 // (request, KV head), without materializing [B, Hq, L] scores or sorting L tokens.
 //
-// Same selection as the torch reference (a2ats_sglang.retrieval.SelectionPlan.masks):
+// Same selection as the torch reference (a2ats_sglang.core.retrieval.SelectionPlan.masks):
 // scorable positions are [sinks, n - window); each query head takes its k[b] best by
 // (score, then earlier position), compared through the same order-preserving integer
 // key of the float32 score; requests whose budget covers them retrieve nothing (their

@@ -111,7 +111,7 @@ def retrieve_triton(lut, codes_buf, slots, plan, bounds, block: int = 256) -> to
     """One layer's retrieved slots int64 [B, Hkv, g*kmax] (ascending position, -1 padded;
     the width is a host-known bound, so nothing waits for the device) from lut f32
     [B, Hq, NB, C], codes_buf int16 [N, Hkv], slots int64 [B, L] and the batch's
-    :class:`~a2ats_sglang.retrieval.SelectionPlan`."""
+    :class:`~a2ats_sglang.core.retrieval.SelectionPlan`."""
     b, hq = lut.shape[:2]
     hkv, length = codes_buf.shape[1], slots.shape[1]
     g = hq // hkv

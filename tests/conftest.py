@@ -18,7 +18,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def default_model_dir():
-    from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
+    from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
 
     path = build_default_model()
     ensure_default_codebooks(path)
@@ -31,7 +31,7 @@ SERVER_ARGS = ["--max-total-tokens", "20000", "--decode-log-interval", "1", "--m
 @pytest.fixture(scope="session")
 def a2ats(default_model_dir):
     """A real `sglang.launch_server --attention-backend a2ats` on the default model."""
-    from a2ats_sglang.server import launch_server
+    from a2ats_sglang.harness.server import launch_server
 
     with launch_server(default_model_dir, "a2ats", SERVER_ARGS) as srv:
         yield srv
@@ -40,7 +40,7 @@ def a2ats(default_model_dir):
 @pytest.fixture(scope="session")
 def dense(default_model_dir):
     """The same model served with SGLang's torch_native backend."""
-    from a2ats_sglang.server import launch_server
+    from a2ats_sglang.harness.server import launch_server
 
     with launch_server(default_model_dir, "torch_native", SERVER_ARGS) as srv:
         yield srv
@@ -53,8 +53,8 @@ def _seed():
 
 def make_codebooks(num_layers, num_q, num_kv, head_dim, num_codes=16, distances=(4, 16, 64), seed=0):
     """Random but valid codebooks for a model shape (default rope, base 10000)."""
-    from a2ats_sglang.codebook import Codebooks, ModelShape
-    from a2ats_sglang.rope import RopeSpec
+    from a2ats_sglang.core.codebook import Codebooks, ModelShape
+    from a2ats_sglang.core.rope import RopeSpec
 
     g = torch.Generator().manual_seed(seed)
     inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from a2ats_sglang.attention import sparse_attention
-from a2ats_sglang.shared_memory import KVLayout, SharedRegion
-from a2ats_sglang.worker import MAGIC, OP_ATTEND, REQUEST, VERSION, CPUAttentionWorker
+from a2ats_sglang.core.attention import sparse_attention
+from a2ats_sglang.offload.shared_memory import KVLayout, SharedRegion
+from a2ats_sglang.offload.worker import MAGIC, OP_ATTEND, REQUEST, VERSION, CPUAttentionWorker
 
 HQ, HKV, D = 6, 2, 16
 
@@ -138,8 +138,8 @@ def test_close_leaves_nothing_behind(pool):
 def test_worker_exits_when_its_parent_dies(tmp_path):
     script = textwrap.dedent("""
         import sys, time, torch
-        from a2ats_sglang.shared_memory import KVLayout, SharedRegion
-        from a2ats_sglang.worker import CPUAttentionWorker
+        from a2ats_sglang.offload.shared_memory import KVLayout, SharedRegion
+        from a2ats_sglang.offload.worker import CPUAttentionWorker
         layout = KVLayout(1, 10, 1, 8, 8, torch.float32)
         w = CPUAttentionWorker(SharedRegion.create(layout.nbytes), layout, 1, 1, 4, threads=1)
         print(w.pid, w.dir, flush=True)

@@ -5,8 +5,8 @@ import pytest
 from conftest import SERVER_ARGS
 from test_server import FACTS, generate, planted_prompt
 
-from a2ats_sglang.calibrate import FitSettings, calibrate
-from a2ats_sglang.server import launch_server
+from a2ats_sglang.calibration.calibrate import FitSettings, calibrate
+from a2ats_sglang.harness.server import launch_server
 
 pytestmark = pytest.mark.server
 

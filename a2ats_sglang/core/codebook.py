@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from a2ats_sglang.rope import RopeSpec
+from a2ats_sglang.core.rope import RopeSpec
 
 FORMAT = "a2ats-codebooks"
 VERSION = 1
@@ -93,7 +93,7 @@ class Codebooks:
             if getattr(self.shape, k) != getattr(shape, k)
         ]
         if diffs:
-            raise CodebookMismatch(f"{source} do not match the model ({'; '.join(diffs)}); recalibrate with python -m a2ats_sglang.calibrate")
+            raise CodebookMismatch(f"{source} do not match the model ({'; '.join(diffs)}); recalibrate with python -m a2ats_sglang.calibration")
         if rope is not None:
             try:
                 self.rope.check_matches(rope, source)
@@ -127,7 +127,7 @@ class Codebooks:
 
         path = Path(path)
         if not path.is_file():
-            raise CodebookMismatch(f"codebooks file not found: {path} (build one with python -m a2ats_sglang.calibrate)")
+            raise CodebookMismatch(f"codebooks file not found: {path} (build one with python -m a2ats_sglang.calibration)")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

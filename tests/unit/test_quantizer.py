@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from a2ats_sglang.quantizer import assign, fit_codebooks, kmeans, score_error
+from a2ats_sglang.core.quantizer import assign, fit_codebooks, kmeans, score_error
 
 
 def test_kmeans_finds_separated_clusters_and_is_deterministic():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from a2ats_sglang.rope import RopeSpec
+from a2ats_sglang.core.rope import RopeSpec
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ their codes and nothing needs invalidating: a reused slot is re-encoded when it
 is written. Decode scores every past token through the lookup table, selects
 sinks + window + top-K (GQA union) and attends that set exactly.
 
-Dense backend (:mod:`a2ats_sglang.dense`): triton on CUDA, torch_native with a prefix-aware
+Dense backend (:mod:`a2ats_sglang.backend.dense`): triton on CUDA, torch_native with a prefix-aware
 extend on CPU. Layers with a sliding window stay dense.
 
-Offload mode (``--a2ats-offload``): the KV pool is :class:`~a2ats_sglang.host_pool.HostKVPool`
+Offload mode (``--a2ats-offload``): the KV pool is :class:`~a2ats_sglang.offload.host_pool.HostKVPool`
 (full K/V in shared host memory) and the device keeps the codes and each request's
-sinks + window (:class:`~a2ats_sglang.resident.ResidentWindow`). Extend gathers the
+sinks + window (:class:`~a2ats_sglang.offload.resident.ResidentWindow`). Extend gathers the
 sequences' K/V from the host; decode attends the resident window on the device while
 the CPU worker attends the retrieved tokens on the host; the two merge by log-sum-exp.
 """
@@ -27,15 +27,15 @@ import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from a2ats_sglang import ops
-from a2ats_sglang.attention import merge_states
-from a2ats_sglang.codebook import Codebooks, LayerCodebook, ModelShape, default_codebook_path
+from a2ats_sglang.backend import kernel_choice as ops
+from a2ats_sglang.core.attention import merge_states
+from a2ats_sglang.core.codebook import Codebooks, LayerCodebook, ModelShape, default_codebook_path
 from a2ats_sglang.config import A2ATSConfig
-from a2ats_sglang.dense import dense_backend as default_dense_backend
-from a2ats_sglang.dense import paged_extend_attention
-from a2ats_sglang.retrieval import SelectionPlan, distance_bounds
-from a2ats_sglang.rope import RopeSpec
-from a2ats_sglang.worker import WorkerFailure
+from a2ats_sglang.backend.dense import dense_backend as default_dense_backend
+from a2ats_sglang.backend.dense import paged_extend_attention
+from a2ats_sglang.core.retrieval import SelectionPlan, distance_bounds
+from a2ats_sglang.core.rope import RopeSpec
+from a2ats_sglang.offload.worker import WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ class A2ATSAttnBackend(AttentionBackend):
         """Offload mode: check the pool and the model, allocate the device-side window."""
         from sglang.srt.layers.radix_attention import RadixAttention
 
-        from a2ats_sglang.host_pool import HostKVPool
-        from a2ats_sglang.resident import ResidentWindow
+        from a2ats_sglang.offload.host_pool import HostKVPool
+        from a2ats_sglang.offload.resident import ResidentWindow
 
         pool = self.token_to_kv_pool
         if not isinstance(pool, HostKVPool):
@@ -200,7 +200,7 @@ class A2ATSAttnBackend(AttentionBackend):
 
     def _start_worker(self, model_runner, hq_local: int, hkv_local: int):
         """Offload mode: start this rank's CPU worker on the shared host pool."""
-        from a2ats_sglang.worker import CPUAttentionWorker
+        from a2ats_sglang.offload.worker import CPUAttentionWorker
 
         context = int(getattr(model_runner.model_config, "context_len", 0) or 8192)
         per_head = int(self.budget.tokens(torch.tensor([context]))[0])

@@ -1,7 +1,7 @@
 """The main job: serve the embedded default model with ``--attention-backend a2ats``
 on this machine and ask it a long-document question and a chat question.
 
-    python -m a2ats_sglang.demo [--model-path DIR] [--doc-chars 9000]
+    python -m a2ats_sglang.harness.demo [--model-path DIR] [--doc-chars 9000]
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import time
 
 import requests
 
-from a2ats_sglang.default_model import build_default_model, ensure_default_codebooks
-from a2ats_sglang.server import launch_server
-from a2ats_sglang.texts import long_text
+from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+from a2ats_sglang.harness.server import launch_server
+from a2ats_sglang.calibration.texts import long_text
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """CPU attention worker: a process that attends retrieved tokens on the host KV pool.
 
 The backend (client) and the worker share two memfd regions, passed as file
-descriptors at start: the KV pool (:class:`~a2ats_sglang.host_pool.HostKVPool`)
+descriptors at start: the KV pool (:class:`~a2ats_sglang.offload.host_pool.HostKVPool`)
 and an arena holding each request's query and slot lists and the worker's
 output and log-sum-exp. Over a ZMQ PAIR socket on a local IPC path in a private
 (0700) temp directory go only fixed-size binary headers (``struct``), validated
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from a2ats_sglang.shared_memory import KVLayout, SharedRegion, align
+from a2ats_sglang.offload.shared_memory import KVLayout, SharedRegion, align
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class CPUAttentionWorker:
         ipc = os.path.join(self.dir, "sock")
         kv = self.kv
         dtype = next(k for k, v in DTYPES.items() if v == kv.dtype)
-        cmd = [sys.executable, "-m", "a2ats_sglang.worker", "--ipc", ipc, "--dtype", dtype,
+        cmd = [sys.executable, "-m", "a2ats_sglang.offload.worker", "--ipc", ipc, "--dtype", dtype,
                "--kv-fd", self.kv_region.fd, "--arena-fd", self.arena_region.fd, "--layers", kv.num_layers,
                "--kv-slots", kv.slots, "--kv-heads", kv.kv_heads, "--q-heads", self.q_heads, "--head-dim", kv.head_dim,
                "--v-head-dim", kv.v_head_dim, "--batch", arena.batch, "--slots", arena.slots, "--parent", os.getpid(),

@@ -14,8 +14,8 @@ import requests
 from conftest import SERVER_ARGS
 from test_server import generate
 
-from a2ats_sglang.server import launch_server, run_server_expecting_failure
-from a2ats_sglang.texts import long_text
+from a2ats_sglang.harness.server import launch_server, run_server_expecting_failure
+from a2ats_sglang.calibration.texts import long_text
 
 pytestmark = pytest.mark.server
 
@@ -124,7 +124,7 @@ def worker_processes() -> set[int]:
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if b"a2ats_sglang.worker" in f.read():
+                    if b"a2ats_sglang.offload.worker" in f.read():
                         pids.add(int(d))
             except OSError:
                 pass

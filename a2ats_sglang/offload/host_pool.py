@@ -6,7 +6,7 @@ prefixes share one host copy, and a slot's host copy is released exactly when
 SGLang's allocator frees or reuses the slot (there is no second copy to manage).
 The CPU attention worker maps the same region; it never writes KV. What stays on the
 model's device is per token only the codes (and per request the resident window,
-:mod:`a2ats_sglang.resident`), so the pool's capacity is set by host memory.
+:mod:`a2ats_sglang.offload.resident`), so the pool's capacity is set by host memory.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
-from a2ats_sglang.shared_memory import KVLayout, SharedRegion
+from a2ats_sglang.offload.shared_memory import KVLayout, SharedRegion
 
 logger = logging.getLogger(__name__)
 HOST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

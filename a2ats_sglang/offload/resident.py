@@ -6,7 +6,7 @@ row of position p of the request in slot r is ``r * (S + W) + i`` with i = p for
 sink (p < S) and i = S + (p - S) mod W after it, so once position L - 1 is written the
 first min(L, S + W) rows of the request are exactly its sinks and its last W
 positions: what every decode step attends on the device. The full K/V is in the host
-pool (:mod:`a2ats_sglang.host_pool`); nothing here is addressed by physical slot.
+pool (:mod:`a2ats_sglang.offload.host_pool`); nothing here is addressed by physical slot.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import make_codebooks
 
-from a2ats_sglang.codebook import CodebookMismatch, Codebooks, LayerCodebook, ModelShape
-from a2ats_sglang.quantizer import assign
+from a2ats_sglang.core.codebook import CodebookMismatch, Codebooks, LayerCodebook, ModelShape
+from a2ats_sglang.core.quantizer import assign
 
 
 def test_round_trip(tmp_path):

@@ -16,9 +16,9 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # noqa: E402
 from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit  # noqa: E402
 
-from a2ats_sglang import retrieval  # noqa: E402
-from a2ats_sglang.codebook import CodebookMismatch  # noqa: E402
-from a2ats_sglang.quantizer import assign  # noqa: E402
+from a2ats_sglang.core import retrieval  # noqa: E402
+from a2ats_sglang.core.codebook import CodebookMismatch  # noqa: E402
+from a2ats_sglang.core.quantizer import assign  # noqa: E402
 
 HEAD_DIM = 16
 
@@ -151,7 +151,7 @@ def test_offload_extend_is_exact_and_fills_the_resident_windows(env, monkeypatch
     extend over cached prefixes equals the kit's dense reference, and afterwards each
     request's resident window holds exactly its sinks and last positions, copied from
     the host pool, though the device-side rows held another request's tokens before."""
-    from a2ats_sglang.host_pool import HostKVPool
+    from a2ats_sglang.offload.host_pool import HostKVPool
 
     sinks, window = 4, 8
     monkeypatch.setattr(kit, "MHATokenToKVPool", HostKVPool)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from a2ats_sglang import attention, retrieval
-from a2ats_sglang.retrieval import SelectionPlan
-from a2ats_sglang.rope import RopeSpec
+from a2ats_sglang.core import attention, retrieval
+from a2ats_sglang.core.retrieval import SelectionPlan
+from a2ats_sglang.core.rope import RopeSpec
 
 
 def retrieve(
@@ -52,7 +52,7 @@ def selected_slots(mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_attention(q, k_buf, v_buf, slots, scale: float, logit_cap: float, use_triton: bool, use_cpu_kernel: bool = False):
-    """See :func:`a2ats_sglang.attention.sparse_attention`. Triton kernel, C++ CPU kernel, or the torch reference."""
+    """See :func:`a2ats_sglang.core.attention.sparse_attention`. Triton kernel, C++ CPU kernel, or the torch reference."""
     if use_triton:
         from a2ats_sglang.kernels.sparse_decode import sparse_decode_triton
 

@@ -6,7 +6,7 @@ loaded model cannot be saved directly, so its state dict is copied into a fresh
 model built from the same config and that one is saved in Hugging Face format
 (config.json, model.safetensors, tokenizer). The result is cached.
 
-    python -m a2ats_sglang.default_model     # builds model + codebooks, prints the model directory
+    python -m a2ats_sglang.harness.default_model     # builds model + codebooks, prints the model directory
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def build_default_model(out_dir: Path | None = None, force: bool = False) -> Pat
 
 def ensure_default_codebooks(model_dir: Path | None = None) -> Path:
     """Calibrate the default model's codebooks with the default settings unless present."""
-    from a2ats_sglang.calibrate import calibrate
-    from a2ats_sglang.codebook import default_codebook_path
+    from a2ats_sglang.calibration.calibrate import calibrate
+    from a2ats_sglang.core.codebook import default_codebook_path
 
     model_dir = Path(model_dir or default_model_dir())
     path = default_codebook_path(model_dir)

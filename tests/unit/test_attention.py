@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from a2ats_sglang.attention import merge_states, sparse_attention
+from a2ats_sglang.core.attention import merge_states, sparse_attention
 
 
 def dense_reference(q, k, v, scale):
@@ -59,7 +59,7 @@ def test_cpu_extend_equals_full_causal_attention(monkeypatch, prefix, n):
     attention over the whole sequence, restricted to the new rows (torch_native's way)."""
     from torch.nn.functional import scaled_dot_product_attention
 
-    dense = pytest.importorskip("a2ats_sglang.dense")  # the CPU dense backend subclasses SGLang's torch_native
+    dense = pytest.importorskip("a2ats_sglang.backend.dense")  # the CPU dense backend subclasses SGLang's torch_native
 
     monkeypatch.setattr(dense, "QUERY_BLOCK", 16)
     total = prefix + n

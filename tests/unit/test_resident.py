@@ -4,8 +4,8 @@ and how the pool is sized from device and host memory."""
 import pytest
 import torch
 
-from a2ats_sglang.host_pool import CODE_BYTES, OffloadSizing
-from a2ats_sglang.resident import ResidentWindow
+from a2ats_sglang.offload.host_pool import CODE_BYTES, OffloadSizing
+from a2ats_sglang.offload.resident import ResidentWindow
 
 S, W, HKV, D = 3, 5, 2, 4
 

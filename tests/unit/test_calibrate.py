@@ -1,8 +1,8 @@
 import pytest
 
-from a2ats_sglang.calibrate import FitSettings, calibrate, main
-from a2ats_sglang.codebook import Codebooks
-from a2ats_sglang.capture import load_hf_model
+from a2ats_sglang.calibration.calibrate import FitSettings, calibrate, main
+from a2ats_sglang.core.codebook import Codebooks
+from a2ats_sglang.calibration.capture import load_hf_model
 
 FIT = dict(num_codes=16, max_iters=5, queries_per_head=256, window=16, sinks=4)
 TINY = dict(tokens=1024, doc_tokens=256, settings=FitSettings(**FIT))

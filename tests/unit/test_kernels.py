@@ -4,7 +4,7 @@ otherwise on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported
 import pytest
 import torch
 
-from a2ats_sglang import attention, retrieval  # noqa: E402
+from a2ats_sglang.core import attention, retrieval  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = pytest.importorskip("a2ats_sglang.kernels.sparse_decode")
@@ -93,7 +93,7 @@ def test_retrieve_kernels_match_torch(hq, hkv, nb):
     torch path's slots, on ragged requests, one of them covered by its budget."""
     from a2ats_sglang import ops
     from a2ats_sglang.kernels import cpu
-    from a2ats_sglang.rope import RopeSpec
+    from a2ats_sglang.core.rope import RopeSpec
 
     d, c, n_slots = 32, 16, 6000  # few codes: many exact ties, broken by position
     seq_lens = torch.tensor([900, 25, 1500, 1200])

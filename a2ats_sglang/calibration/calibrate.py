@@ -1,6 +1,6 @@
 """Fit query-aware VQ codebooks for a model and write the codebooks file.
 
-    python -m a2ats_sglang.calibrate --model-path DIR [--out FILE] [--text F ...]
+    python -m a2ats_sglang.calibration --model-path DIR [--out FILE] [--text F ...]
         [--tokens N] [--num-codes C] [--distances 2048 | --num-distances K] ...
 
 Runs the model over calibration text (Wikipedia paragraphs by default, plus random
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from a2ats_sglang.capture import load_hf_model, run_documents
-from a2ats_sglang.codebook import DEFAULT_RELPATH, Codebooks, ModelShape, default_codebook_path
-from a2ats_sglang.quantizer import assign, fit_codebooks, score_error
-from a2ats_sglang.retrieval import distance_bounds, wrope_distances
-from a2ats_sglang.rope import RopeSpec
-from a2ats_sglang.texts import calibration_documents
+from a2ats_sglang.calibration.capture import load_hf_model, run_documents
+from a2ats_sglang.core.codebook import DEFAULT_RELPATH, Codebooks, ModelShape, default_codebook_path
+from a2ats_sglang.core.quantizer import assign, fit_codebooks, score_error
+from a2ats_sglang.core.retrieval import distance_bounds, wrope_distances
+from a2ats_sglang.core.rope import RopeSpec
+from a2ats_sglang.calibration.texts import calibration_documents
 
 
 def pair_weights(doc_len: int, distances, sinks: int, window: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from a2ats_sglang.rope import RopeSpec
+from a2ats_sglang.core.rope import RopeSpec
 
 
 def spec(head_dim=64, rotary_dim=64, neox=True, mscale=1.0, base=10000.0):

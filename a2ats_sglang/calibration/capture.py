@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from a2ats_sglang.codebook import ModelShape
-from a2ats_sglang.rope import RopeSpec
+from a2ats_sglang.core.codebook import ModelShape
+from a2ats_sglang.core.rope import RopeSpec
 
 
 @dataclass

@@ -10,8 +10,8 @@ import requests
 
 from conftest import SERVER_ARGS
 
-from a2ats_sglang.server import run_server_expecting_failure
-from a2ats_sglang.texts import long_text
+from a2ats_sglang.harness.server import run_server_expecting_failure
+from a2ats_sglang.calibration.texts import long_text
 
 pytestmark = pytest.mark.server
 

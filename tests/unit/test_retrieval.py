@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from a2ats_sglang.retrieval import (
+from a2ats_sglang.core.retrieval import (
     Budget,
     approx_scores,
     bucket_of,
@@ -103,7 +103,7 @@ def test_mask_to_positions():
 
 
 def test_tiebreak_keys_order_like_scores_and_prefer_earlier_positions():
-    from a2ats_sglang.retrieval import scores_with_position_tiebreak
+    from a2ats_sglang.core.retrieval import scores_with_position_tiebreak
 
     s = torch.tensor([[1.5, -2.0, 1.5, float("-inf"), 0.0, -0.0, 3.0, -1e-30]])
     key = scores_with_position_tiebreak(s)
@@ -121,7 +121,7 @@ def test_tiebreak_keys_order_like_scores_and_prefer_earlier_positions():
 def test_rotated_queries_equal_unrotate_then_rotate(neox, mscale, rotary):
     """WRoPE queries are RoPE(q_pre, distance) with q_pre = RoPE^-1(q_post, pos), computed as
     one rotation: same result for partial rotary dims and a magnitude factor (yarn)."""
-    from a2ats_sglang.rope import RopeSpec
+    from a2ats_sglang.core.rope import RopeSpec
 
     rope = RopeSpec(1.0 / 500 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary), 16, neox, mscale)
     q_post = torch.randn(3, 4, 16)

@@ -1,0 +1,3 @@
+from a2ats_sglang.calibration.calibrate import main
+
+main()
