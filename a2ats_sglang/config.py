@@ -13,68 +13,42 @@ import os
 from dataclasses import dataclass, fields
 
 from a2ats_sglang.core.retrieval import Budget
+from a2ats_sglang.options import add_arguments, given, option, parser_for, validate
 
 ENV_PREFIX = "SGLANG_A2ATS_"
-KERNELS = ("auto", "torch", "triton")
-
-
-def _parse_bool(raw) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    value = str(raw).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {raw!r}")
-
-
-def _parser(default):
-    return _parse_bool if isinstance(default, bool) else type(default)
+KERNELS = ("auto", "torch", "cpp", "triton")
 
 
 @dataclass(frozen=True)
 class A2ATSConfig:
-    codebook: str = ""
-    budget: float = 0.03
-    min_tokens: int = 32
-    max_tokens: int = 1 << 30
-    sinks: int = 8
-    window: int = 64
-    dense_below: int = 0
-    kernel: str = "auto"
-    offload: bool = False
-    host_kv_gb: float = 0.0
-    worker_timeout: float = 30.0
+    """The backend's options: defaults, help and bounds in one table (flag ``--a2ats-NAME``,
+    environment variable ``SGLANG_A2ATS_NAME``)."""
 
-    HELP = {
-        "codebook": "codebooks file (default: MODEL_PATH/a2ats/codebooks.safetensors); build with python -m a2ats_sglang.calibration",
-        "budget": "share of each request's context every query head retrieves, in (0, 1] (paper: 0.03)",
-        "min_tokens": "retrieve at least this many tokens per query head",
-        "max_tokens": "retrieve at most this many tokens per query head",
-        "sinks": "first tokens of every sequence always attended (paper: 8)",
-        "window": "most recent tokens always attended (paper: 64)",
-        "dense_below": "decode batches whose longest context is below this many tokens use dense attention",
-        "kernel": "sparse decode implementation: auto (Triton on CUDA, the C++ kernel on CPU), torch (reference), triton",
-        "offload": "keep the full KV in shared host memory and attend retrieved tokens in a CPU worker process; "
-                   "the device keeps codes, sinks and window",
-        "host_kv_gb": "offload: GB of host memory for the full KV pool (0 = auto: half the available host memory per rank "
-                      "on a GPU; on --device cpu the pool shares SGLang's memory budget)",
-        "worker_timeout": "seconds before an unanswered CPU worker is replaced",
-    }
+    codebook: str = option("", "codebooks file (default: MODEL_PATH/a2ats/codebooks.safetensors); "
+                               "build with python -m a2ats_sglang.calibration")
+    budget: float = option(0.03, "share of each request's context every query head retrieves (paper: 0.03)",
+                           min=0, max=1, min_exclusive=True)
+    min_tokens: int = option(32, "retrieve at least this many tokens per query head", min=0)
+    max_tokens: int = option(1 << 30, "retrieve at most this many tokens per query head", min=1)
+    sinks: int = option(8, "first tokens of every sequence always attended (paper: 8)", min=0)
+    window: int = option(64, "most recent tokens always attended (paper: 64)", min=1)
+    dense_below: int = option(0, "decode batches whose longest context is below this many tokens use dense attention",
+                              min=0)
+    kernel: str = option("auto", "sparse decode implementation: auto (Triton on CUDA, the C++ kernels on CPU), "
+                                 "torch (references), cpp (the C++ CPU kernels), triton", choices=KERNELS)
+    offload: bool = option(False, "keep the full KV in shared host memory and attend retrieved tokens in a CPU worker "
+                                  "process; the device keeps codes, sinks and window")
+    host_kv_gb: float = option(0.0, "offload: GB of host memory for the full KV pool (0 = auto: half the available "
+                                    "host memory per rank on a GPU; on --device cpu the pool shares SGLang's memory "
+                                    "budget)", min=0)
+    worker_timeout: float = option(30.0, "seconds before an unanswered CPU worker is replaced", min=0, min_exclusive=True)
 
     def __post_init__(self):
-        Budget(self.budget, self.min_tokens, self.max_tokens)  # validates the budget triple
-        if self.sinks < 0 or self.window < 1:
-            raise ValueError(f"a2ats: need sinks >= 0 and window >= 1, got sinks={self.sinks}, window={self.window}")
-        if self.dense_below < 0:
-            raise ValueError(f"a2ats: dense_below must be >= 0, got {self.dense_below}")
-        if self.host_kv_gb < 0:
-            raise ValueError(f"a2ats: host_kv_gb must be >= 0, got {self.host_kv_gb}")
-        if self.worker_timeout <= 0:
-            raise ValueError(f"a2ats: worker_timeout must be > 0, got {self.worker_timeout}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"a2ats: kernel must be one of {KERNELS}, got {self.kernel!r}")
+        try:
+            self.budget_policy  # the core's own check of the triple (ratio, 0 <= min_tokens <= max_tokens)
+        except ValueError as e:
+            raise ValueError(f"a2ats: {e} ({', '.join(map(self.where, ('budget', 'min_tokens', 'max_tokens')))})") from None
+        validate(self, "a2ats: ", self.where)
 
     @property
     def budget_policy(self) -> Budget:
@@ -84,33 +58,38 @@ class A2ATSConfig:
     def flag(name: str) -> str:
         return "--a2ats-" + name.replace("_", "-")
 
+    @staticmethod
+    def env_name(name: str) -> str:
+        return ENV_PREFIX + name.upper()
+
+    @classmethod
+    def where(cls, name: str) -> str:
+        """Where an option is set, for error messages: ``--a2ats-window / SGLANG_A2ATS_WINDOW``."""
+        return f"{cls.flag(name)} / {cls.env_name(name)}"
+
     @classmethod
     def add_cli_args(cls, parser) -> None:
         group = parser.add_argument_group("A2ATS attention backend (--attention-backend a2ats)")
-        for f in fields(cls):
-            extra = {"nargs": "?", "const": True} if isinstance(f.default, bool) else {}
-            group.add_argument(cls.flag(f.name), dest="a2ats_" + f.name, type=_parser(f.default), default=None,
-                               help=cls.HELP[f.name], **extra)
+        add_arguments(group, cls, cls.flag, dest=lambda name: "a2ats_" + name)
 
     @classmethod
     def from_cli_namespace(cls, ns) -> "A2ATSConfig":
         """Flags given on the command line over the environment over the defaults."""
         base = cls.from_env()
-        given = {f.name: getattr(ns, "a2ats_" + f.name) for f in fields(cls) if getattr(ns, "a2ats_" + f.name, None) is not None}
-        return cls(**{**base.__dict__, **given})
+        return cls(**{**base.__dict__, **given(ns, cls, dest=lambda name: "a2ats_" + name)})
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "A2ATSConfig":
         kw = {}
         for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
+            raw = environ.get(cls.env_name(f.name))
             if raw is not None:
                 try:
-                    kw[f.name] = _parser(f.default)(raw)
+                    kw[f.name] = parser_for(f.default)(raw)
                 except ValueError:
-                    raise ValueError(f"a2ats: {ENV_PREFIX + f.name.upper()}={raw!r} is not a valid {type(f.default).__name__}") from None
+                    raise ValueError(f"a2ats: {cls.env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}") from None
         return cls(**kw)
 
     def to_env(self, environ=os.environ) -> None:
         for f in fields(self):
-            environ[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
+            environ[self.env_name(f.name)] = str(getattr(self, f.name))

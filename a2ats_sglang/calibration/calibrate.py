@@ -8,7 +8,10 @@ UUID strings), captures pre-RoPE keys and queries per layer, rotates the queries
 to the WRoPE distances, and fits one codebook per (layer, KV head) by k-means in
 the space whitened by the queries' second moment. Prints, per layer, the relative
 score error of query-aware VQ next to plain VQ. The paper's setting is
-``--num-codes 4096 --tokens 81920 --doc-tokens 16384 --num-distances 1``.
+``--num-codes 4096 --tokens 81920 --doc-tokens 16384 --num-distances 1 --max-iters 300``.
+
+The flags are generated from :class:`CollectSettings` and :class:`FitSettings`
+(defaults, help and bounds declared once there).
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from a2ats_sglang.calibration.capture import load_hf_model, run_documents
-from a2ats_sglang.core.codebook import DEFAULT_RELPATH, Codebooks, ModelShape, default_codebook_path
+from a2ats_sglang.config import A2ATSConfig
+from a2ats_sglang.core.codebook import DEFAULT_RELPATH, MAX_CODES, Codebooks, ModelShape, default_codebook_path
 from a2ats_sglang.core.quantizer import assign, fit_codebooks, score_error
 from a2ats_sglang.core.retrieval import distance_bounds, wrope_distances
 from a2ats_sglang.core.rope import RopeSpec
 from a2ats_sglang.calibration.texts import calibration_documents
+from a2ats_sglang.options import add_arguments, cli_flag, default_of, given, option, validate
+
+DEFAULT_NUM_DISTANCES = 8  # WRoPE distances log-spaced over 96..12288 unless given
 
 
 def pair_weights(doc_len: int, distances, sinks: int, window: int) -> torch.Tensor:
@@ -75,24 +82,41 @@ class CalibrationData:
     info: dict
 
 
+@dataclass(frozen=True)
+class CollectSettings:
+    """What the model runs over (defaults finish in minutes on 2 CPU cores for a 135M model;
+    the paper: 81920 tokens in documents of 16384)."""
+
+    text_files: tuple[Path, ...] = option((), "calibration text files (default: Wikipedia paragraphs)",
+                                          cli={"nargs": "*", "type": Path, "metavar": "FILE"})
+    tokens: int = option(16384, "calibration tokens (paper: 81920)", min=1)
+    doc_tokens: int = option(2048, "tokens per document (paper: 16384)", min=16)
+    uuid_share: float = option(0.2, "share of random-UUID text (paper: 0.2)", min=0, max=1, max_exclusive=True)
+    seed: int = option(0, "seed of the calibration text, the query sample and k-means")
+
+    def __post_init__(self):
+        object.__setattr__(self, "text_files", tuple(Path(p) for p in self.text_files or ()))
+        validate(self, where=_flag)
+
+
+def _flag(name: str) -> str:
+    return "--text" if name == "text_files" else cli_flag(name)
+
+
 def collect(
-    model_path: str | Path,
-    text_files: list[Path] | None = None,
-    tokens: int = 16384,
-    doc_tokens: int = 2048,
-    uuid_share: float = 0.2,
-    seed: int = 0,
-    log=print,
+    model_path: str | Path, settings: CollectSettings = CollectSettings(), log=print, **overrides
 ) -> CalibrationData:
-    """Run the model over calibration documents and keep its pre-RoPE keys and queries."""
+    """Run the model over calibration documents and keep its pre-RoPE keys and queries.
+    ``overrides``: CollectSettings fields (``collect(path, tokens=4096)``)."""
+    st = replace(settings, **overrides)
     model, tok, shape, rope = load_hf_model(model_path)
-    docs = calibration_documents(tok, tokens, doc_tokens, uuid_share, text_files, seed)
+    docs = calibration_documents(tok, st.tokens, st.doc_tokens, st.uuid_share, list(st.text_files), st.seed)
     n_tok = sum(len(d) for d in docs)
     log(f"[calibrate] {shape.model_type}: {shape.num_layers} layers, {shape.num_q_heads} q / {shape.num_kv_heads} kv heads, "
         f"head dim {shape.head_dim}; {n_tok} tokens in {len(docs)} documents")
     cap = run_documents(model, docs, progress=lambda i, n: log(f"[calibrate] forward {i}/{n} documents"))
     keys = torch.cat([torch.cat(cap.k[li], dim=1) for li in range(shape.num_layers)])
-    info = {"tokens": n_tok, "doc_tokens": doc_tokens, "uuid_share": uuid_share, "seed": seed, "model_path": str(model_path)}
+    info = {"tokens": n_tok, "doc_tokens": st.doc_tokens, "uuid_share": st.uuid_share, "seed": st.seed, "model_path": str(model_path)}
     return CalibrationData(keys, cap.q, shape, rope, info)
 
 
@@ -113,22 +137,24 @@ def rotated_query_sample(
 @dataclass(frozen=True)
 class FitSettings:
     """How codebooks are fitted (defaults finish in minutes on 2 CPU cores for a 135M model;
-    the paper: 4096 codes, one distance 2048, 300 iterations)."""
+    the paper: 4096 codes, one distance 2048, 300 iterations). Sinks and window default
+    to the backend's (``A2ATSConfig``): fit for the positions retrieval will score."""
 
-    num_codes: int = 512
-    distances: tuple[int, ...] = wrope_distances(8)
-    sinks: int = 8
-    window: int = 64
-    queries_per_head: int = 4096
-    max_iters: int = 50
-    tol: float = 1e-4
-    seed: int = 0
+    num_codes: int = option(512, "codes per (layer, KV head) (paper: 4096)", min=2, max=MAX_CODES)
+    distances: tuple[int, ...] = option(wrope_distances(DEFAULT_NUM_DISTANCES),
+                                        "explicit comma-separated WRoPE distances (overrides --num-distances)", min=1)
+    sinks: int = option(default_of(A2ATSConfig, "sinks"), "attention sinks of the serving backend", min=0)
+    window: int = option(default_of(A2ATSConfig, "window"), "recent-token window of the serving backend", min=1)
+    queries_per_head: int = option(4096, "rotated queries sampled per query head", min=1)
+    max_iters: int = option(50, "Lloyd iterations (paper: 300)", min=1)
+    tol: float = option(1e-4, "stop when the inertia improves by less than this share", min=0)
+    seed: int = option(default_of(CollectSettings, "seed"), "seed of the query sample and k-means")
 
     def __post_init__(self):
-        if not 2 <= self.num_codes <= 32767:
-            raise ValueError(f"num_codes must be in [2, 32767], got {self.num_codes}")
-        if self.max_iters < 1 or self.queries_per_head < 1:
-            raise ValueError("max_iters and queries_per_head must be >= 1")
+        object.__setattr__(self, "distances", tuple(sorted({int(x) for x in self.distances})))
+        if not self.distances:
+            raise ValueError("need at least one WRoPE distance (--distances)")
+        validate(self, where=cli_flag)
 
 
 def fit(data: CalibrationData, settings: FitSettings = FitSettings(), query_aware: bool = True, log=print) -> tuple[Codebooks, list[float]]:
@@ -162,18 +188,17 @@ def fit(data: CalibrationData, settings: FitSettings = FitSettings(), query_awar
 def calibrate(
     model_path: str | Path,
     out: str | Path | None = None,
-    text_files: list[Path] | None = None,
-    tokens: int = 16384,
-    doc_tokens: int = 2048,
-    uuid_share: float = 0.2,
+    collection: CollectSettings = CollectSettings(),
     settings: FitSettings = FitSettings(),
     compare_plain: bool = True,
     log=print,
+    **overrides,
 ) -> tuple[Codebooks, dict]:
     """Collect, fit query-aware codebooks, report their score error next to plain VQ,
-    and (if ``out``) save. -> (codebooks, {"qavq": [per layer], "plain": [per layer] | None})."""
+    and (if ``out``) save. -> (codebooks, {"qavq": [per layer], "plain": [per layer] | None}).
+    ``overrides``: CollectSettings fields (``calibrate(path, tokens=4096)``)."""
     t0 = time.time()
-    data = collect(model_path, text_files, tokens, doc_tokens, uuid_share, settings.seed, log)
+    data = collect(model_path, collection, log, **overrides)
     log(f"[calibrate] captured in {time.time() - t0:.0f}s; {settings.num_codes} codes, WRoPE distances {list(settings.distances)}")
     books, qa_err = fit(data, settings, True, log)
     report = {"qavq": qa_err, "plain": fit(data, settings, False, log)[1] if compare_plain else None}
@@ -188,37 +213,35 @@ def calibrate(
     return books, report
 
 
-def _distances(args) -> tuple[int, ...]:
-    if args.distances:
-        return tuple(sorted({int(x) for x in args.distances.split(",")}))
-    return wrope_distances(args.num_distances)
-
-
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The calibration CLI: --model-path, --out, --num-distances, --no-compare-plain, and one
+    flag per CollectSettings / FitSettings field (FitSettings.seed is --seed too)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", required=True)
     p.add_argument("--out", type=Path, help=f"codebooks file (default: MODEL/{DEFAULT_RELPATH})")
-    p.add_argument("--text", type=Path, nargs="*", help="calibration text files (default: Wikipedia paragraphs)")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (paper: 81920)")
-    p.add_argument("--doc-tokens", type=int, default=2048, help="tokens per document (paper: 16384)")
-    p.add_argument("--uuid-share", type=float, default=0.2, help="share of random-UUID text (paper: 0.2)")
-    p.add_argument("--num-codes", type=int, default=512, help="codes per (layer, KV head) (paper: 4096)")
-    p.add_argument("--num-distances", type=int, default=8, help="WRoPE distances, log-spaced 96..12288 (1 = paper's b=2048)")
-    p.add_argument("--distances", help="explicit comma-separated WRoPE distances (overrides --num-distances)")
-    p.add_argument("--sinks", type=int, default=8)
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--queries-per-head", type=int, default=4096)
-    p.add_argument("--max-iters", type=int, default=50, help="Lloyd iterations (paper: 300)")
-    p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, CollectSettings, _flag)
+    add_arguments(p, FitSettings, exclude=("seed",))
+    p.add_argument("--num-distances", type=int, help=f"WRoPE distances, log-spaced 96..12288 (1 = paper's b=2048) "
+                                                      f"(default: {DEFAULT_NUM_DISTANCES})")
     p.add_argument("--no-compare-plain", action="store_true", help="skip fitting plain VQ for the error table")
-    args = p.parse_args(argv)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[CollectSettings, FitSettings]:
+    """The settings the parsed flags ask for (flags not given keep the tables' defaults)."""
+    collection = CollectSettings(**given(args, CollectSettings))
+    fit_kw = given(args, FitSettings, exclude=("seed",))
+    if "distances" not in fit_kw and args.num_distances is not None:
+        fit_kw["distances"] = wrope_distances(args.num_distances)
+    return collection, FitSettings(**fit_kw, seed=collection.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     out = args.out or default_codebook_path(args.model_path)
     try:
-        settings = FitSettings(args.num_codes, _distances(args), args.sinks, args.window, args.queries_per_head,
-                               args.max_iters, args.tol, args.seed)
-        calibrate(args.model_path, out, args.text, args.tokens, args.doc_tokens, args.uuid_share, settings,
-                  not args.no_compare_plain)
+        collection, settings = settings_from_args(args)
+        calibrate(args.model_path, out, collection, settings, not args.no_compare_plain)
     except ValueError as e:
         sys.exit(f"calibrate: error: {e}")
 

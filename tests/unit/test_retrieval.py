@@ -24,6 +24,18 @@ def test_budget_policy_and_validation():
             Budget(*bad)
 
 
+def test_budget_defaults_come_from_the_options_table():
+    from dataclasses import fields
+
+    from a2ats_sglang.config import A2ATSConfig
+
+    with pytest.raises(TypeError):
+        Budget(0.03)  # no defaults of its own
+    d = {f.name: f.default for f in fields(A2ATSConfig)}
+    assert A2ATSConfig().budget_policy == Budget(d["budget"], d["min_tokens"], d["max_tokens"])
+    assert A2ATSConfig(budget=0.5, min_tokens=3, max_tokens=7).budget_policy == Budget(0.5, 3, 7)
+
+
 def test_wrope_distances_and_buckets():
     assert wrope_distances(1) == (2048,)
     d = wrope_distances(8)
@@ -111,9 +123,9 @@ def test_tiebreak_keys_order_like_scores_and_prefer_earlier_positions():
     assert order[:3] == [6, 0, 2]  # 3.0, then the tied 1.5s, earlier first
     assert order[-1] == 3 and order[-2] == 1  # -inf last, -2.0 before it
     # a padded batch selects the same tokens
-    sel1 = select(s[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1), 0, 1, 1)
+    sel1 = select(s[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1, 1000), 0, 1, 1)
     pad = torch.cat([s, torch.full((1, 5), float("-inf"))], -1)
-    sel2 = select(pad[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1), 0, 1, 1)
+    sel2 = select(pad[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1, 1000), 0, 1, 1)
     assert sel1.tolist() == sel2[..., : sel1.shape[-1]].tolist()
 
 
