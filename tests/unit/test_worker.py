@@ -1,9 +1,11 @@
 """The CPU attention worker: a real process, real ZMQ IPC socket, real memfd shared memory."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -12,7 +14,9 @@ import torch
 
 from a2ats_sglang.core.attention import sparse_attention
 from a2ats_sglang.offload.shared_memory import KVLayout, SharedRegion
-from a2ats_sglang.offload.worker import MAGIC, OP_ATTEND, REQUEST, VERSION, CPUAttentionWorker
+from a2ats_sglang.offload.client import CPUAttentionWorker
+from a2ats_sglang.offload.protocol import IPC_DIR_PREFIX, MAGIC, OP_ATTEND, REQUEST, VERSION, WorkerFailure, ipc_path
+from a2ats_sglang.offload.worker import SIGNAL_EXIT_BASE
 
 HQ, HKV, D = 6, 2, 16
 
@@ -76,14 +80,39 @@ def test_malformed_messages_are_rejected_and_the_worker_keeps_serving(pool, work
         with pytest.raises(RuntimeError, match=msg):
             worker._recv(5.0)
     q, slots = request()
-    slots[0, 0, 0] = 10_000  # not a slot of the pool
-    worker.submit(0, q, slots, 0.25)
-    with pytest.raises(RuntimeError, match="out of the pool's range"):
-        worker.wait()
-    q, slots = request()
     worker.submit(0, q, slots, 0.25)
     worker.wait()
     assert worker.restarts == 0 and worker.proc.poll() is None
+
+
+def test_a_request_rejected_twice_raises_worker_failure_and_the_replacement_serves_on(pool, worker):
+    _, _, ks, vs = pool
+    q, slots = request()
+    slots[0, 0, 0] = 10_000  # not a slot of the pool: every worker rejects it
+    old = worker.pid
+    worker.submit(0, q, slots, 0.25)
+    with pytest.raises(WorkerFailure, match="out of the pool's range") as e:
+        worker.wait()
+    assert isinstance(e.value, RuntimeError) and e.value.worker_message == "slot id out of the pool's range"
+    assert worker.restarts == 1 and worker.pid != old  # replaced and resubmitted once, then raised
+    q, slots = request()
+    worker.submit(0, q, slots, 0.25)
+    out, _ = worker.wait()
+    torch.testing.assert_close(out, sparse_attention(q, ks[0], vs[0], slots, 0.25)[0])
+    assert worker.restarts == 1 and worker.proc.poll() is None
+
+
+def test_a_rejection_replaces_the_worker_and_the_request_is_resubmitted(pool, worker):
+    _, _, ks, vs = pool
+    q, slots = request()
+    old = worker.pid
+    worker._pending = (1, q, slots, 0.5, 0.0)  # as after submit(), but the worker got a frame it rejects
+    worker.sock.send(b"garbage")
+    out, lse = worker.wait()
+    want_o, want_l = sparse_attention(q, ks[1], vs[1], slots, 0.5)
+    torch.testing.assert_close(out, want_o)
+    torch.testing.assert_close(lse, want_l)
+    assert worker.restarts == 1 and worker.pid != old
 
 
 def test_killed_worker_is_replaced_and_the_request_recomputed(pool, worker):
@@ -139,7 +168,7 @@ def test_worker_exits_when_its_parent_dies(tmp_path):
     script = textwrap.dedent("""
         import sys, time, torch
         from a2ats_sglang.offload.shared_memory import KVLayout, SharedRegion
-        from a2ats_sglang.offload.worker import CPUAttentionWorker
+        from a2ats_sglang.offload.client import CPUAttentionWorker
         layout = KVLayout(1, 10, 1, 8, 8, torch.float32)
         w = CPUAttentionWorker(SharedRegion.create(layout.nbytes), layout, 1, 1, 4, threads=1)
         print(w.pid, w.dir, flush=True)
@@ -159,6 +188,44 @@ def test_worker_exits_when_its_parent_dies(tmp_path):
     else:
         pytest.fail("worker outlived its parent")
     assert not os.path.exists(d)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_worker_removes_its_directory(worker, sig):
+    """SIGTERM to a server's process group reaches the worker too: it exits through its
+    cleanup, not by the signal, and leaves no directory (nor socket) behind."""
+    d = worker.dir
+    assert os.path.exists(ipc_path(d))
+    os.kill(worker.pid, sig)
+    assert worker.proc.wait(15) == SIGNAL_EXIT_BASE + sig
+    assert not os.path.exists(d)
+
+
+def catches_sigterm(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+def test_a_worker_stopped_while_starting_removes_its_directory(pool):
+    """SIGTERM before the worker is ready (importing torch, mapping the regions): no directory left."""
+    layout, region, _, _ = pool
+    d = tempfile.mkdtemp(prefix=IPC_DIR_PREFIX)
+    args = ["--ipc", ipc_path(d), "--dtype", "float32", "--kv-fd", region.fd, "--arena-fd", region.fd, "--layers",
+            layout.num_layers, "--kv-slots", layout.slots, "--kv-heads", HKV, "--q-heads", HQ, "--head-dim", D,
+            "--v-head-dim", D, "--batch", 1, "--slots", 1, "--parent", os.getpid(), "--threads", 1]
+    proc = subprocess.Popen([sys.executable, "-m", "a2ats_sglang.offload.worker", *map(str, args)], pass_fds=(region.fd,))
+    try:
+        deadline = time.time() + 15
+        while not catches_sigterm(proc.pid) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)  # until the handler is in: the worker is then still importing torch
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == SIGNAL_EXIT_BASE + signal.SIGTERM
+        assert not os.path.exists(d)
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("huge_pages", [False, True])
