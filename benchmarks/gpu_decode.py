@@ -3,8 +3,9 @@ dense decode attention over the whole context, in the same run, on the same data
 
 The layer shape is given by flags (default: a Llama-3.1-8B layer, 32 query heads,
 8 KV heads, head dim 128, bf16 KV; 4096 codes, 8 WRoPE distances). SGLang itself is
-not needed: this times the backend's own decode functions (``ops.retrieve``,
-``ops.sparse_attention``), i.e. what ``forward_decode`` runs per layer, against
+not needed: this times the backend's own decode functions (WRoPE + LUT +
+``KernelChoice.retrieve``, ``KernelChoice.attend`` into per-batch buffers), i.e. what
+``forward_decode`` runs per layer, against
 
 - ``sdpa``: PyTorch's fused scaled-dot-product attention over each request's
   contiguous K/V (dense, the best case for a dense kernel: no page table), and
@@ -25,9 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from a2ats_sglang import ops
-from a2ats_sglang.core.retrieval import Budget, SelectionPlan, distance_bounds, wrope_distances
+from a2ats_sglang.config import A2ATSConfig
+from a2ats_sglang.core.retrieval import (SelectionPlan, distance_bounds, lookup_table, mask_to_positions,
+                                         positions_to_slots, rotated_queries, wrope_distances)
 from a2ats_sglang.core.rope import RopeSpec
+from a2ats_sglang.kernels.dispatch import Impl, KernelChoice
 
 
 def cuda_ms(fn, iters: int = 20) -> float:
@@ -65,25 +68,38 @@ def measure(batch: int, length: int, args, dev: str) -> dict:
     hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
     k_buf, v_buf, codes, slots, centroids, q, seq_lens = layer_case(batch, length, args, dev)
     rope = RopeSpec(1.0 / args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d), d).to(dev)
-    bounds = distance_bounds(wrope_distances(args.distances)).to(dev)
+    bounds = distance_bounds(wrope_distances(args.distances))
+    bounds = (bounds if bounds.numel() else torch.zeros(1)).to(dev)  # the Triton kernel reads one element
     distances = torch.tensor(wrope_distances(args.distances), dtype=torch.float32, device=dev)
-    budget = Budget(args.budget)
+    budget = A2ATSConfig(budget=args.budget).budget_policy  # min/max tokens: the backend defaults
     scale = d ** -0.5
     positions = seq_lens - 1
-    # once per batch, as served: the plan and the fixed part's slots
+    kernels = KernelChoice(Impl.TRITON, "benchmark")
+    # once per batch, as served (DecodePlanner): the plan, the selection buffer with the fixed part, the buffers
     plan = SelectionPlan.build(seq_lens.cpu(), budget, args.sinks, args.window, dev)
-    fixed = ops.selected_slots(plan.fixed.unsqueeze(1).expand(-1, hkv, -1), slots)
+    fixed = positions_to_slots(mask_to_positions(plan.fixed_host).to(dev).unsqueeze(1), slots)  # [B, 1, F]
+    width = fixed.shape[-1]
+    selection = torch.full((batch, hkv, width + min((hq // hkv) * plan.kmax, length)), -1, dtype=torch.int64,
+                           device=dev)
+    selection[..., :width] = fixed
+    buffers = kernels.buffers(batch, hq, hkv, d, selection.shape[-1], dev, length, plan.kmax,
+                              (distances.numel(), args.codes))
+    every = slots.unsqueeze(1).expand(batch, hkv, length).contiguous()
+    dense_buffers = kernels.buffers(batch, hq, hkv, d, length, dev)
 
-    def select():
-        return ops.retrieve(q, positions, rope, distances, bounds, centroids, codes, slots, plan, scale, use_triton=True)
+    def select():  # what Retriever.retrieve runs per layer
+        lookup_table(rotated_queries(q, positions, rope, distances), centroids, scale, out=buffers.lut)
+        kernels.retrieve(buffers.lut, codes, slots, plan, bounds, selection[..., width:], buffers)
+
+    def attend():
+        kernels.attend(q, k_buf, v_buf, selection, scale, 0.0, buffers)
 
     def a2ats():
-        both = torch.cat([fixed, select()], dim=-1)
-        return ops.sparse_attention(q, k_buf, v_buf, both, scale, 0.0, use_triton=True)
+        select()
+        attend()
 
-    chosen = torch.cat([fixed, select()], dim=-1)
-    attended = float((chosen >= 0).sum()) / (batch * hkv * length)
-    every = slots.unsqueeze(1).expand(batch, hkv, length).contiguous()
+    select()
+    attended = float((selection >= 0).sum()) / (batch * hkv * length)
     # Contiguous per-request K/V for SDPA (dense best case): [B, Hkv, L, D].
     k_dense = k_buf[slots].permute(0, 2, 1, 3).contiguous()
     v_dense = v_buf[slots].permute(0, 2, 1, 3).contiguous()
@@ -91,13 +107,14 @@ def measure(batch: int, length: int, args, dev: str) -> dict:
     row = {
         "batch": batch, "length": length, "attended": attended,
         "sdpa_ms": cuda_ms(lambda: F.scaled_dot_product_attention(q4, k_dense, v_dense, scale=scale, enable_gqa=True)),
-        "dense_triton_ms": cuda_ms(lambda: ops.sparse_attention(q, k_buf, v_buf, every, scale, 0.0, use_triton=True)),
+        "dense_triton_ms": cuda_ms(lambda: kernels.attend(q, k_buf, v_buf, every, scale, 0.0, dense_buffers)),
         "select_ms": cuda_ms(select),
-        "sparse_attn_ms": cuda_ms(lambda: ops.sparse_attention(q, k_buf, v_buf, chosen, scale, 0.0, use_triton=True)),
+        "sparse_attn_ms": cuda_ms(attend),
         "a2ats_ms": cuda_ms(a2ats),
     }
     # Same answer as dense where the selection is everything (sanity, not timing).
-    o_sparse, _ = ops.sparse_attention(q, k_buf, v_buf, every, scale, 0.0, use_triton=True)
+    kernels.attend(q, k_buf, v_buf, every, scale, 0.0, dense_buffers)
+    o_sparse = dense_buffers.out
     o_ref = F.scaled_dot_product_attention(q4, k_dense, v_dense, scale=scale, enable_gqa=True).view(batch, hq, d)
     row["dense_max_abs_diff"] = float((o_sparse.float() - o_ref.float()).abs().max())
     del k_dense, v_dense, k_buf, v_buf

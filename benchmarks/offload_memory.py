@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from a2ats_sglang.core.attention import sparse_attention
 from a2ats_sglang.core.codebook import Codebooks, ModelShape, default_codebook_path
 from a2ats_sglang.harness.default_model import build_default_model
 from a2ats_sglang.offload.host_pool import CODE_BYTES, OffloadSizing
-from a2ats_sglang.kernels.cpu import sparse_attention_cpu
+from a2ats_sglang.kernels.dispatch import Impl, KernelChoice
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -59,8 +58,10 @@ def pool_tensor(shape: tuple[int, ...], dtype, huge_pages: bool) -> torch.Tensor
     return t
 
 
-def kernel_bandwidth(fn, shape: ModelShape, batch: int, selected: int, context: int, dtype, huge_pages=False) -> float:
-    """GB/s of K and V bytes read by a sparse attention ``fn``: each request owns a
+def kernel_bandwidth(impl: Impl, shape: ModelShape, batch: int, selected: int, context: int, dtype,
+                     huge_pages=False) -> float:
+    """GB/s of K and V bytes read by one implementation's sparse attention, into buffers
+    allocated once (as a decode batch's plan does): each request owns a
     contiguous run of ``context`` slots (as SGLang allocates a prefill) and selects
     ``selected`` random positions of it per KV head, in ascending order (as served)."""
     hkv, d = shape.num_kv_heads, shape.head_dim
@@ -70,7 +71,9 @@ def kernel_bandwidth(fn, shape: ModelShape, batch: int, selected: int, context: 
     idx = torch.stack([torch.stack([torch.randperm(context)[:selected].sort().values + b * context for _ in range(hkv)])
                        for b in range(batch)])
     read = batch * hkv * selected * 2 * d * k.element_size()
-    return read / best_time(lambda: fn(q, k, v, idx, d ** -0.5)) / 1e9
+    kernels = KernelChoice(impl, "benchmark")
+    buffers = kernels.buffers(batch, shape.num_q_heads, hkv, d, selected, "cpu")
+    return read / best_time(lambda: kernels.attend(q, k, v, idx, d ** -0.5, 0.0, buffers)) / 1e9
 
 
 def main(argv=None):
@@ -102,10 +105,10 @@ def main(argv=None):
     for batch, context in ((1, 16384), (4, 16384), (8, 32768)):
         selected = context * 3 // 100 * (shape.num_q_heads // shape.num_kv_heads)  # 3 % per query head, GQA union
         kern.append({"batch": batch, "context": context, "selected_per_kv_head": selected,
-                     "cpp_gb_s": kernel_bandwidth(sparse_attention_cpu, shape, batch, selected, context, torch.float32),
-                     "cpp_huge_gb_s": kernel_bandwidth(sparse_attention_cpu, shape, batch, selected, context, torch.float32,
+                     "cpp_gb_s": kernel_bandwidth(Impl.CPP, shape, batch, selected, context, torch.float32),
+                     "cpp_huge_gb_s": kernel_bandwidth(Impl.CPP, shape, batch, selected, context, torch.float32,
                                                        huge_pages=True),
-                     "torch_gb_s": kernel_bandwidth(sparse_attention, shape, batch, selected, context, torch.float32)})
+                     "torch_gb_s": kernel_bandwidth(Impl.TORCH, shape, batch, selected, context, torch.float32)})
     torch_threads = torch.get_num_threads()
     lines = [f"Model `{model.name}` ({shape.num_layers} layers, {shape.num_kv_heads} KV heads, head dim {shape.head_dim}); "
              f"{platform.machine()} CPU, {torch_threads} torch threads; {date.today()}.", "",

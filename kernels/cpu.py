@@ -1,51 +1,56 @@
 """The CPU kernels (C++, one extension built on first use for this machine's CPU with
 torch's extension builder, cached in ~/.cache/torch_extensions): sparse decode
-attention and one layer's retrieval. If no compiler is available the torch
-references are used and a warning logged."""
+attention and one layer's retrieval. Whether they are used is decided once, by
+:class:`a2ats_sglang.kernels.dispatch.KernelChoice`; these wrappers never fall back."""
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
 SOURCES = ("cpu_bindings.cpp", "cpu_sparse_attention.cpp", "cpu_select.cpp")
 
 
 @lru_cache(maxsize=1)
-def _extension():
+def _build():
+    """-> (extension module, None) or (None, the reason it cannot be built)."""
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="a2ats_cpu_kernels", sources=[str(Path(__file__).with_name(f)) for f in SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler / headers: stay correct, just slower
-        logger.warning("a2ats: CPU kernels unavailable (%s); using the torch references", e)
-        return None
+        ext = load(name="a2ats_cpu_kernels", sources=[str(Path(__file__).with_name(f)) for f in SOURCES],
+                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        return ext, None
+    except Exception as e:  # no compiler / headers
+        return None, f"{type(e).__name__}: {e}"
 
 
-def available() -> bool:
-    return _extension() is not None
+def unavailable_reason() -> str | None:
+    """None when the extension builds (or is cached) here, else why not."""
+    return _build()[1]
 
 
-def sparse_attention_cpu(q, k_buf, v_buf, slots, scale: float, logit_cap: float = 0.0):
-    """Same contract as :func:`a2ats_sglang.core.attention.sparse_attention`, on CPU tensors."""
-    ext = _extension()
+def extension():
+    """The built extension; raises RuntimeError saying why it cannot be built."""
+    ext, reason = _build()
     if ext is None:
-        from a2ats_sglang.core.attention import sparse_attention
-
-        return sparse_attention(q, k_buf, v_buf, slots, scale, logit_cap)
-    out, lse = ext.sparse_attention(q.float(), k_buf, v_buf, slots.long(), float(scale), float(logit_cap))
-    return out.to(q.dtype), lse
+        raise RuntimeError(f"a2ats: the C++ CPU kernels cannot be built here ({reason})")
+    return ext
 
 
-def retrieve_cpu(lut, codes_buf, slots, plan, bounds):
-    """One layer's retrieved slots int64 [B, Hkv, S] (ascending position, -1 pad) from
-    lut f32 [B, Hq, NB, C], codes_buf int16 [N, Hkv], slots int64 [B, L], the batch's
-    :class:`~a2ats_sglang.core.retrieval.SelectionPlan` and the WRoPE bucket bounds f32 [NB-1];
-    None without the extension (the caller uses the torch path)."""
-    ext = _extension()
-    if ext is None:
-        return None
-    return ext.retrieve(lut.float(), codes_buf, slots, plan.seq_lens, plan.k, bounds, plan.sinks, plan.window)
+def sparse_attention_cpu(q, k_buf, v_buf, slots, scale: float, logit_cap: float, out, lse) -> None:
+    """Decode attention over selected slots into caller-owned buffers.
+
+    q f32 [B, Hq, D] contiguous; k_buf [N, Hkv, D], v_buf [N, Hkv, Dv] (f32/bf16/f16);
+    slots int64 [B, Hkv, S] contiguous (-1 = padding) -> writes out f32 [B, Hq, Dv] and
+    lse f32 [B, Hq] (the contract of :func:`a2ats_sglang.core.attention.sparse_attention`)."""
+    extension().sparse_attention(q, k_buf, v_buf, slots, float(scale), float(logit_cap), out, lse)
+
+
+def retrieve_cpu(lut, codes_buf, slots, plan, bounds, out) -> None:
+    """One layer's retrieved slots into ``out`` int64 [B, Hkv, R] (ascending position, -1
+    padded; last dim contiguous, any row stride; R >= the largest GQA union) from lut f32
+    [B, Hq, NB, C] contiguous, codes_buf int16 [N, Hkv], slots int64 [B, L] contiguous, the
+    batch's :class:`~a2ats_sglang.core.retrieval.SelectionPlan` and the WRoPE bucket
+    bounds f32 [NB-1]."""
+    extension().retrieve(lut, codes_buf, slots, plan.seq_lens, plan.k, bounds, plan.sinks, plan.window, out)
+

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <functional>
 #include <vector>
@@ -30,21 +31,27 @@ inline int64_t key(float x, int64_t pos) {  // (score, then earlier position) as
 
 // lut f32 [B, Hq, NB, C] contiguous; codes int16 [N, Hkv]; slots i64 [B, L] physical slot of each
 // position; seq_lens i64 [B]; k i64 [B] per-head top-K; bounds f32 [NB-1] distance bucket bounds.
-// Returns i64 [B, Hkv, S] retrieved slots (ascending position, -1 padded).
-torch::Tensor retrieve_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
-                           torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window) {
+// Writes the retrieved slots (ascending position, -1 padded) into out i64 [B, Hkv, R] (last dim contiguous;
+// any row stride, e.g. a column range of the batch's selection buffer; R: a host-known capacity >= the
+// largest union, e.g. G * max(k)).
+void retrieve_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
+                  torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
   TORCH_CHECK(lut.dim() == 4 && lut.scalar_type() == torch::kFloat, "lut must be f32 [B, Hq, NB, C]");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kShort, "codes must be int16 [N, Hkv]");
   TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kLong, "slots must be i64 [B, L]");
-  lut = lut.contiguous();
-  slots = slots.contiguous();
-  auto lens = seq_lens.to(torch::kLong).contiguous();
-  auto kk = k.to(torch::kLong).contiguous();
-  auto bnd = bounds.to(torch::kFloat).contiguous();
+  TORCH_CHECK(lut.is_contiguous() && slots.is_contiguous(), "lut and slots must be contiguous");
+  TORCH_CHECK(seq_lens.scalar_type() == torch::kLong && k.scalar_type() == torch::kLong &&
+              bounds.scalar_type() == torch::kFloat, "seq_lens and k must be i64, bounds f32");
+  TORCH_CHECK(out.dim() == 3 && out.scalar_type() == torch::kLong && out.stride(2) == 1,
+              "out must be i64 [B, Hkv, R] with a contiguous last dim");
+  auto lens = seq_lens.contiguous();
+  auto kk = k.contiguous();
+  auto bnd = bounds.contiguous();
   const int64_t B = lut.size(0), Hq = lut.size(1), NB = lut.size(2), C = lut.size(3), Hkv = codes.size(1);
   const int64_t L = slots.size(1), cs = codes.stride(0), ch = codes.stride(1);
-  TORCH_CHECK(Hq % Hkv == 0 && slots.size(0) == B && lens.numel() == B && kk.numel() == B && bnd.numel() == NB - 1,
-              "shape mismatch");
+  TORCH_CHECK(Hq % Hkv == 0 && slots.size(0) == B && lens.numel() == B && kk.numel() == B && bnd.numel() == NB - 1 &&
+              out.size(0) == B && out.size(1) == Hkv, "shape mismatch");
+  const int64_t R = out.size(2), ob = out.stride(0), oh = out.stride(1);
   const int64_t G = Hq / Hkv;
   const float* lp = lut.data_ptr<float>();
   const int16_t* cp = codes.data_ptr<int16_t>();
@@ -52,7 +59,8 @@ torch::Tensor retrieve_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor
   const float* bp = bnd.data_ptr<float>();
   const int64_t* np = lens.data_ptr<int64_t>();
   const int64_t* kp = kk.data_ptr<int64_t>();
-  std::vector<std::vector<int64_t>> picked(B * Hkv);
+  int64_t* op = out.data_ptr<int64_t>();
+  std::atomic<int64_t> overflow{0};
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> base, keys;  // base: LUT column of each scorable position
@@ -60,6 +68,8 @@ torch::Tensor retrieve_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv, n = std::min(np[b], L), top = kp[b];
       const int64_t lo = sinks, hi = n - window;
+      int64_t* row_out = op + b * ob + h * oh;
+      std::fill(row_out, row_out + R, -1);
       if (top + sinks + window >= n || hi <= lo || top <= 0) continue;  // covered by the fixed part, or nothing to score
       const int64_t m = hi - lo, want = std::min(top, m);
       base.resize(m);
@@ -78,16 +88,14 @@ torch::Tensor retrieve_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor
         std::nth_element(keys.begin(), keys.begin() + (want - 1), keys.end(), std::greater<int64_t>());
         for (int64_t i = 0; i < want; ++i) hit[0xFFFFFFFFLL - (keys[i] & 0xFFFFFFFFLL) - lo] = 1;
       }
-      auto& out = picked[bh];
-      for (int64_t i = 0; i < m; ++i)
-        if (hit[i]) out.push_back(sp[b * L + lo + i]);
+      int64_t count = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        if (!hit[i]) continue;
+        if (count < R) row_out[count] = sp[b * L + lo + i];
+        ++count;
+      }
+      if (count > R) overflow.store(count);
     }
   });
-
-  size_t s = 0;
-  for (const auto& p : picked) s = std::max(s, p.size());
-  auto out = torch::full({B, Hkv, static_cast<int64_t>(s)}, -1, torch::kLong);
-  int64_t* op = out.data_ptr<int64_t>();
-  for (int64_t bh = 0; bh < B * Hkv; ++bh) std::copy(picked[bh].begin(), picked[bh].end(), op + bh * s);
-  return out;
+  TORCH_CHECK(overflow.load() == 0, "retrieved ", overflow.load(), " slots for one KV head, more than the capacity ", R);
 }

@@ -242,23 +242,24 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
 }  // namespace
 
 // q f32 [B, Hq, D] contiguous; k [N, Hkv, D], v [N, Hkv, Dv] (f32/bf16/f16, last dim contiguous);
-// slots i64 [B, Hkv, S] contiguous (-1 = padding). Returns (out f32 [B, Hq, Dv], lse f32 [B, Hq]).
-std::vector<torch::Tensor> sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots,
-                                            double scale, double cap) {
+// slots i64 [B, Hkv, S] contiguous (-1 = padding); out f32 [B, Hq, Dv] and lse f32 [B, Hq] contiguous,
+// allocated by the caller (once per decode batch) and written here.
+void sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, double scale,
+                      double cap, torch::Tensor out, torch::Tensor lse) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && slots.dim() == 3, "expected 3-d tensors");
   TORCH_CHECK(q.scalar_type() == torch::kFloat && slots.scalar_type() == torch::kLong, "q must be f32, slots i64");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v dtypes differ");
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k/v last dim must be contiguous");
-  q = q.contiguous();
-  slots = slots.contiguous();
+  TORCH_CHECK(q.is_contiguous() && slots.is_contiguous(), "q and slots must be contiguous");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Dv = v.size(2), S = slots.size(2);
   TORCH_CHECK(k.size(2) == D && slots.size(0) == B && slots.size(1) == Hkv && Hq % Hkv == 0, "shape mismatch");
-  auto out = torch::empty({B, Hq, Dv}, q.options());
-  auto lse = torch::empty({B, Hq}, q.options());
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.numel() == B * Hq * Dv,
+              "out must be contiguous f32 [B, Hq, Dv]");
+  TORCH_CHECK(lse.scalar_type() == torch::kFloat && lse.is_contiguous() && lse.numel() == B * Hq,
+              "lse must be contiguous f32 [B, Hq]");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "a2ats_sparse_attention", [&] {
     attend<scalar_t>(q.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
                      out.data_ptr<float>(), lse.data_ptr<float>(), B, Hq, Hkv, S, D, Dv, k.stride(0), k.stride(1),
                      v.stride(0), v.stride(1), static_cast<float>(scale), static_cast<float>(cap));
   });
-  return {out, lse};
 }

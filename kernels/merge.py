@@ -29,24 +29,22 @@ def _merge_kernel(
     tl.store(out_lse_ptr + t, tl.where(finite, m + tl.log(tl.where(finite, s, 1.0)), float("-inf")))
 
 
-def merge_partials_triton(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """o [..., N, Dv], lse f32 [..., N] partial results over disjoint sets ->
-    (out f32 [..., Dv], lse f32 [...])."""
-    lead, n, dv = o.shape[:-2], o.shape[-2], o.shape[-1]
-    o2 = o.reshape(-1, n, dv).contiguous()
-    l2 = lse.reshape(-1, n).float().contiguous()
-    rows = o2.shape[0]
-    out = torch.empty(rows, dv, dtype=torch.float32, device=o.device)
-    out_lse = torch.empty(rows, dtype=torch.float32, device=o.device)
+def merge_partials_triton(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out_lse: torch.Tensor) -> None:
+    """o f32 [R, N, Dv], lse f32 [R, N] partial results over disjoint sets (contiguous) ->
+    writes out [R, Dv] (any float dtype, last dim contiguous) and out_lse f32 [R]."""
+    rows, n, dv = o.shape
     if rows:
         _merge_kernel[(rows,)](
-            o2, l2, out, out_lse, o2.stride(0), o2.stride(1), l2.stride(0), out.stride(0), n, dv,
+            o, lse, out, out_lse, o.stride(0), o.stride(1), lse.stride(0), out.stride(0), n, dv,
             BLOCK_N=triton.next_power_of_2(n), BLOCK_DV=triton.next_power_of_2(dv),
         )
-    return out.view(*lead, dv), out_lse.view(lead)
 
 
 def merge_states_triton(o1, lse1, o2, lse2):
     """Two partial results o [..., H, Dv], lse [..., H] -> merged (out in o1.dtype, lse)."""
-    out, lse = merge_partials_triton(torch.stack((o1.float(), o2.float()), -2), torch.stack((lse1, lse2), -1))
-    return out.to(o1.dtype), lse
+    lead, dv = o1.shape[:-1], o1.shape[-1]
+    parts = torch.stack((o1.float(), o2.float()), -2).reshape(-1, 2, dv)
+    out = torch.empty(parts.shape[0], dv, dtype=torch.float32, device=o1.device)
+    out_lse = torch.empty(parts.shape[0], dtype=torch.float32, device=o1.device)
+    merge_partials_triton(parts, torch.stack((lse1, lse2), -1).float().reshape(-1, 2), out, out_lse)
+    return out.view(*lead, dv).to(o1.dtype), out_lse.view(lead)

@@ -5,6 +5,8 @@ small ops of the torch path; the result equals it (``SelectionPlan.retrieved``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -81,22 +83,16 @@ def _compact_kernel(
         base += tl.sum(hit, 0)
 
 
-def score_keys_triton(lut, codes_buf, slots, seq_lens, bounds, sinks: int, window: int, block: int = 256) -> torch.Tensor:
-    """Top-K keys of the approximate scores: lut f32 [B, Hq, NB, C]; codes_buf int16 [N, Hkv];
-    slots int [B, L]; seq_lens int [B]; bounds f32 [NB-1] -> int64 [B, Hq, L] ordered like
-    (score, earlier position) (``retrieval.scores_with_position_tiebreak``), NOT_SCORABLE for
-    sinks, window and positions past the sequence."""
-    b, hq, nb, c = lut.shape
-    hkv = codes_buf.shape[1]
-    length = slots.shape[1]
-    lut = lut.float().contiguous()
-    slots = slots.contiguous()
-    out = torch.empty(b, hq, length, dtype=torch.int64, device=lut.device)
-    bounds = bounds.to(device=lut.device, dtype=torch.float32)
-    if bounds.numel() == 0:
-        bounds = torch.zeros(1, dtype=torch.float32, device=lut.device)
+def score_keys_triton(lut, codes_buf, slots, seq_lens, bounds, sinks: int, window: int, out, block: int = 256) -> None:
+    """Top-K keys of the approximate scores into ``out`` int64 [B, Hq, L]: lut f32 [B, Hq, NB, C]
+    contiguous; codes_buf int16 [N, Hkv]; slots int64 [B, L] contiguous; seq_lens int64 [B];
+    bounds f32 [max(1, NB-1)]. Keys are ordered like (score, earlier position)
+    (``retrieval.scores_with_position_tiebreak``); NOT_SCORABLE for sinks, window and
+    positions past the sequence."""
+    b, hq, nb, _ = lut.shape
+    hkv, length = codes_buf.shape[1], slots.shape[1]
     _score_keys_kernel[(b, hkv, triton.cdiv(length, block))](
-        lut, codes_buf, slots, seq_lens.contiguous(), bounds, out,
+        lut, codes_buf, slots, seq_lens, bounds, out,
         lut.stride(0), lut.stride(1), lut.stride(2),
         codes_buf.stride(0),
         slots.stride(0),
@@ -104,30 +100,46 @@ def score_keys_triton(lut, codes_buf, slots, seq_lens, bounds, sinks: int, windo
         length, sinks, window, NOT_SCORABLE,
         NB=nb, G=hq // hkv, BLOCK=block,
     )
-    return out
 
 
-def retrieve_triton(lut, codes_buf, slots, plan, bounds, block: int = 256) -> torch.Tensor:
-    """One layer's retrieved slots int64 [B, Hkv, g*kmax] (ascending position, -1 padded;
-    the width is a host-known bound, so nothing waits for the device) from lut f32
-    [B, Hq, NB, C], codes_buf int16 [N, Hkv], slots int64 [B, L] and the batch's
-    :class:`~a2ats_sglang.core.retrieval.SelectionPlan`."""
+@dataclass
+class RetrieveBuffers:
+    """Workspace of :func:`retrieve_triton` for one decode batch, shared by its layers.
+
+    keys int64 [B, Hq, L]; top_keys / top_index int64 [B, Hq, kmax]; hit int8 [B, Hkv, L]."""
+
+    keys: torch.Tensor
+    top_keys: torch.Tensor
+    top_index: torch.Tensor
+    hit: torch.Tensor
+
+    @classmethod
+    def allocate(cls, b: int, hq: int, hkv: int, length: int, kmax: int, device) -> "RetrieveBuffers":
+        top = torch.empty(b, hq, kmax, dtype=torch.int64, device=device)
+        return cls(torch.empty(b, hq, length, dtype=torch.int64, device=device), top, torch.empty_like(top),
+                   torch.empty(b, hkv, length, dtype=torch.int8, device=device))
+
+
+def retrieve_triton(lut, codes_buf, slots, plan, bounds, out, buffers: RetrieveBuffers, block: int = 256) -> None:
+    """One layer's retrieved slots into ``out`` int64 [B, Hkv, R] (ascending position, -1
+    padded, last dim contiguous, any row stride; R >= the largest GQA union, e.g. g * kmax)
+    from lut f32 [B, Hq, NB, C] contiguous, codes_buf int16 [N, Hkv], slots int64 [B, L]
+    contiguous, the batch's :class:`~a2ats_sglang.core.retrieval.SelectionPlan` and bounds
+    f32 [NB-1] (at least one element). Four launches plus fills, no host sync, no allocation."""
     b, hq = lut.shape[:2]
     hkv, length = codes_buf.shape[1], slots.shape[1]
-    g = hq // hkv
-    out = torch.full((b, hkv, g * plan.kmax), -1, dtype=torch.int64, device=lut.device)
+    out.fill_(-1)
     if plan.kmax == 0 or b == 0:
-        return out
-    keys = score_keys_triton(lut, codes_buf, slots, plan.seq_lens, bounds, plan.sinks, plan.window, block)
-    top = keys.topk(plan.kmax, dim=-1)  # [B, Hq, kmax]
-    hit = torch.zeros(b, hkv, length, dtype=torch.int8, device=lut.device)
-    idx, val = top.indices.contiguous(), top.values.contiguous()
+        return
+    score_keys_triton(lut, codes_buf, slots, plan.seq_lens, bounds, plan.sinks, plan.window, buffers.keys, block)
+    torch.topk(buffers.keys, plan.kmax, dim=-1, out=(buffers.top_keys, buffers.top_index))
+    hit, idx, val = buffers.hit, buffers.top_index, buffers.top_keys
+    hit.zero_()
     _mark_kernel[(b, hq, triton.cdiv(plan.kmax, block))](
         idx, val, plan.k, plan.seq_lens, hit, idx.stride(0), idx.stride(1), hit.stride(0), hit.stride(1),
-        plan.kmax, plan.sinks, plan.window, NOT_SCORABLE, G=g, BLOCK=block,
+        plan.kmax, plan.sinks, plan.window, NOT_SCORABLE, G=hq // hkv, BLOCK=block,
     )
     _compact_kernel[(b, hkv)](
         hit, slots, out, hit.stride(0), hit.stride(1), slots.stride(0), out.stride(0), out.stride(1),
         length, BLOCK=1024,
     )
-    return out

@@ -6,6 +6,8 @@ softmax; the partial results are reduced by :mod:`merge`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -74,18 +76,37 @@ def num_splits(batch: int, kv_heads: int, s: int, block_n: int, target_programs:
     return max(1, min(triton.cdiv(s, 2 * block_n), triton.cdiv(target_programs, max(1, batch * kv_heads))))
 
 
-def sparse_decode_triton(q, k_buf, v_buf, slots, scale: float, logit_cap: float = 0.0, block_n: int = 32):
-    """q [B, Hq, D]; k_buf [N, Hkv, D]; v_buf [N, Hkv, Dv]; slots int [B, Hkv, S] (-1 pad)
-    -> (out [B, Hq, Dv] in q.dtype, lse f32 [B, Hq])."""
+@dataclass
+class AttendBuffers:
+    """Output and split-K workspace of :func:`sparse_decode_triton` for one decode batch,
+    shared by its layers: out f32 [B, Hq, Dv], lse f32 [B, Hq], part_out f32 [B, Hq, splits, Dv],
+    part_lse f32 [B, Hq, splits] (splits from :func:`num_splits` for the batch's width S)."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    part_out: torch.Tensor
+    part_lse: torch.Tensor
+
+    @classmethod
+    def allocate(cls, b: int, hq: int, hkv: int, dv: int, s: int, device, block_n: int = 32) -> "AttendBuffers":
+        splits = num_splits(b, hkv, s, block_n)
+        return cls(torch.empty(b, hq, dv, dtype=torch.float32, device=device),
+                   torch.empty(b, hq, dtype=torch.float32, device=device),
+                   torch.empty(b, hq, splits, dv, dtype=torch.float32, device=device),
+                   torch.empty(b, hq, splits, dtype=torch.float32, device=device))
+
+
+def sparse_decode_triton(q, k_buf, v_buf, slots, scale: float, logit_cap: float, buffers: AttendBuffers,
+                         block_n: int = 32) -> None:
+    """q [B, Hq, D]; k_buf [N, Hkv, D]; v_buf [N, Hkv, Dv]; slots int64 [B, Hkv, S] (-1 pad,
+    any row stride) -> writes buffers.out f32 [B, Hq, Dv] and buffers.lse f32 [B, Hq]."""
     b, hq, d = q.shape
     hkv, s = slots.shape[1], slots.shape[2]
     dv = v_buf.shape[-1]
     g = hq // hkv
-    splits = num_splits(b, hkv, s, block_n)
+    o, lse = buffers.part_out, buffers.part_lse
+    splits = o.shape[2]
     split_len = triton.cdiv(max(s, 1), splits)
-    o = torch.empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
-    slots = slots.contiguous()
     _sparse_decode_kernel[(b, hkv, splits)](
         q, k_buf, v_buf, slots, o, lse,
         q.stride(0), q.stride(1),
@@ -100,5 +121,5 @@ def sparse_decode_triton(q, k_buf, v_buf, slots, scale: float, logit_cap: float 
         # float32 KV is attended in full precision; 16-bit KV loses nothing to TF32 products
         PRECISION="ieee" if k_buf.dtype == torch.float32 else "tf32",
     )
-    out, out_lse = merge_partials_triton(o, lse)
-    return out.to(q.dtype), out_lse
+    merge_partials_triton(o.view(b * hq, splits, dv), lse.view(b * hq, splits), buffers.out.view(b * hq, dv),
+                          buffers.lse.view(b * hq))

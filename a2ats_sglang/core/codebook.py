@@ -21,6 +21,7 @@ FORMAT = "a2ats-codebooks"
 VERSION = 1
 # A subfolder: SGLang loads every *.safetensors at the top of a model directory as weights.
 DEFAULT_RELPATH = Path("a2ats") / "codebooks.safetensors"
+MAX_CODES = 32767  # codes are stored as int16
 
 
 def default_codebook_path(model_path: str | Path) -> Path:
@@ -77,7 +78,7 @@ class Codebooks:
             raise CodebookMismatch("centroid tensor shape disagrees with the recorded model shape")
         if not self.distances or any(x <= 0 for x in self.distances) or list(self.distances) != sorted(set(self.distances)):
             raise CodebookMismatch(f"WRoPE distances must be positive and increasing, got {self.distances}")
-        if c > 32767:
+        if c > MAX_CODES:
             raise CodebookMismatch(f"{c} codes do not fit int16 codes")
 
     @property
@@ -150,6 +151,27 @@ class Codebooks:
             shape=ModelShape(**json.loads(meta["model"])),
             info=json.loads(meta.get("info", "{}")),
         )
+
+
+def load_for_model_runner(model_runner, path: str = "") -> tuple[Codebooks, RopeSpec, Path]:
+    """The codebooks an SGLang model runner serves with, in one call: ``path`` (default:
+    :func:`default_codebook_path` of the model), loaded and validated against the runner's
+    model shape and the RoPE of its first layer (when it exposes one).
+
+    -> (codebooks, the RoPE that retrieval uses: the model's, else the file's, the file's path).
+    Raises :class:`CodebookMismatch` saying what is missing or differs."""
+    mc = model_runner.model_config
+    if not path and not getattr(mc, "model_path", None):
+        raise CodebookMismatch("a2ats: no codebooks file given (--a2ats-codebook or SGLANG_A2ATS_CODEBOOK)")
+    file = Path(path) if path else default_codebook_path(mc.model_path)
+    books = Codebooks.load(file)
+    hf = getattr(mc, "hf_text_config", None) or mc.hf_config
+    shape = ModelShape.from_hf_config(hf, num_layers=getattr(model_runner.token_to_kv_pool, "layer_num", None))
+    layers = getattr(getattr(model_runner.model, "model", model_runner.model), "layers", None)
+    rotary = getattr(getattr(layers[0], "self_attn", None), "rotary_emb", None) if layers else None
+    rope = RopeSpec.from_sglang(rotary) if rotary is not None else None
+    books.validate(shape, rope, source=f"codebooks {file}")
+    return books, rope or books.rope, file
 
 
 @dataclass

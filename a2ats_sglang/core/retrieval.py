@@ -20,11 +20,12 @@ class Budget:
     """How many tokens each query head retrieves: ``clamp(ratio * seq_len, min_tokens, max_tokens)``.
 
     Sinks and the window come on top. A request whose sinks + window + budget cover
-    the whole sequence attends everything (the result equals dense attention)."""
+    the whole sequence attends everything (the result equals dense attention). The
+    defaults live in the options table: ``A2ATSConfig().budget_policy``."""
 
-    ratio: float = 0.03
-    min_tokens: int = 32
-    max_tokens: int = 1 << 30
+    ratio: float
+    min_tokens: int
+    max_tokens: int
 
     def __post_init__(self):
         if not 0.0 < self.ratio <= 1.0:
@@ -74,15 +75,18 @@ def rotated_queries(q_post: torch.Tensor, positions: torch.Tensor, rope: RopeSpe
     return rope.rerotate(q_post.unsqueeze(2).expand(-1, -1, nb, -1), positions.view(-1, 1, 1).float(), dist)
 
 
-def lookup_table(q_rot: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
+def lookup_table(q_rot: torch.Tensor, centroids: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """LUT[b, h, n, c] = scale * q_rot[b, h, n] . centroid[kv(h), c].
 
-    q_rot: [B, Hq, NB, D]; centroids: [Hkv, C, D] -> float32 [B, Hq, NB, C]."""
+    q_rot: [B, Hq, NB, D]; centroids: [Hkv, C, D] -> float32 [B, Hq, NB, C], written into
+    ``out`` (contiguous) when given."""
     b, hq, nb, d = q_rot.shape
-    hkv = centroids.shape[0]
-    q = q_rot.float().view(b, hkv, hq // hkv, nb, d)
-    lut = torch.einsum("bkgnd,kcd->bkgnc", q, centroids.float()) * scale
-    return lut.reshape(b, hq, nb, -1)
+    hkv, c = centroids.shape[:2]
+    if out is None:
+        out = torch.empty(b, hq, nb, c, dtype=torch.float32, device=q_rot.device)
+    grouped = out.view(b, hkv, hq // hkv * nb, c)
+    torch.matmul(q_rot.float().reshape(b, hkv, -1, d), centroids.float().transpose(1, 2), out=grouped)
+    return out.mul_(scale)
 
 
 def approx_scores(
@@ -112,12 +116,14 @@ class SelectionPlan:
 
     seq_lens int64 [B]; k int64 [B] per-head top-K; kmax = max(k, capped at L);
     fixed bool [B, L] sinks + window (the whole sequence for a request its budget
-    covers), only positions < seq_len; covered: every request is covered (dense)."""
+    covers), only positions < seq_len, and fixed_host the same on the CPU; covered:
+    every request is covered (dense)."""
 
     seq_lens: torch.Tensor
     k: torch.Tensor
     kmax: int
     fixed: torch.Tensor
+    fixed_host: torch.Tensor
     sinks: int
     window: int
     covered: bool
@@ -135,7 +141,7 @@ class SelectionPlan:
         fixed = ((pos < sinks) | (pos >= lens.view(-1, 1) - window) | dense.view(-1, 1)) & (pos < lens.view(-1, 1))
         device = device if device is not None else seq_lens.device
         kmax = int(min(int(k.max()), length)) if lens.numel() else 0
-        return cls(lens.to(device), k.to(device), kmax, fixed.to(device), sinks, window, bool(dense.all()))
+        return cls(lens.to(device), k.to(device), kmax, fixed.to(device), fixed, sinks, window, bool(dense.all()))
 
     def retrieved(self, scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """One layer's retrieved part, bool [B, Hkv, L], disjoint from ``fixed``: the top-K
@@ -192,3 +198,11 @@ def mask_to_positions(mask: torch.Tensor) -> torch.Tensor:
     out = torch.full((*mask.shape[:-1], s + 1), -1, dtype=torch.int64, device=mask.device)
     out.scatter_(-1, dest, torch.arange(length, device=mask.device).expand_as(dest))
     return out[..., :s]
+
+
+def positions_to_slots(positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """positions int64 [B, H, S] (-1 pad) + slots int64 [B, L] physical slot of each
+    position -> physical slots int64 [B, H, S] (-1 pad)."""
+    b, h, s = positions.shape
+    phys = slots.gather(1, positions.clamp_min(0).reshape(b, h * s)).view(b, h, s)
+    return torch.where(positions >= 0, phys, torch.full_like(phys, -1))

@@ -6,19 +6,16 @@ import math
 
 import pytest
 import torch
-from conftest import make_codebooks
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+from sglang.srt.runtime_context import get_parallel
+from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
+from support.codebooks import make_codebooks
 
+from a2ats_sglang.core import retrieval
+from a2ats_sglang.core.codebook import CodebookMismatch
+from a2ats_sglang.core.quantizer import assign
 from a2ats_sglang.plugin import register
-
-register()
-
-from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
-from sglang.srt.model_executor.forward_context import ForwardContext, forward_context  # noqa: E402
-from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit  # noqa: E402
-
-from a2ats_sglang.core import retrieval  # noqa: E402
-from a2ats_sglang.core.codebook import CodebookMismatch  # noqa: E402
-from a2ats_sglang.core.quantizer import assign  # noqa: E402
 
 HEAD_DIM = 16
 
@@ -29,8 +26,14 @@ class _TC:
 
 
 @pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():  # the kit fills pools in place, as inference does
+def _sglang(request):
+    """The plugin registered (as SGLang does in each process: twice is harmless), this
+    process stated as tensor-parallel rank 0 of 1 (a server publishes it; not for tests
+    marked ``unpublished_rank``), no autograd (the kit fills pools in place, as inference does)."""
+    register()
+    register()
+    rank = {} if request.node.get_closest_marker("unpublished_rank") else {"attn_tp_rank": 0, "attn_tp_size": 1}
+    with get_parallel().override(**rank), torch.no_grad():
         yield
 
 
@@ -61,9 +64,33 @@ def test_sglang_kit_cases_cpu_dense_backend(case):
     kit.run_dense_attention_case(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
 
 
+def reference_selection(books, codes, q_post, n, scale, sinks, window, ratio, min_tokens, kv, g):
+    """Positions attended by KV head ``kv`` of a request of ``n`` tokens, from first
+    principles: each query head of its group scores every token outside sinks and window
+    as q (rotated to the WRoPE distance nearest the token's, in log scale) . centroid of
+    the token's code, keeps its top-K (ties to the earlier position), and the group
+    attends the union plus sinks and window; everything when that covers the request."""
+    k = max(min_tokens, math.ceil(ratio * n))
+    if k + sinks + window >= n:
+        return set(range(n))
+    chosen = set(range(min(sinks, n))) | set(range(max(0, n - window), n))
+    d = list(books.distances)
+    for h in range(kv * g, (kv + 1) * g):
+        q_pre = books.rope.unrotate(q_post[h], n - 1)
+        scored = []
+        for j in range(sinks, n - window):
+            dist = n - 1 - j
+            bucket = sum(dist >= math.sqrt(a * b) for a, b in zip(d[:-1], d[1:]))
+            q_rot = books.rope.rotate(q_pre, float(d[bucket]))
+            scored.append((-float(q_rot @ books.centroids[0, kv, codes[kv, j]]) * scale, j))
+        chosen |= {j for _, j in sorted(scored)[:k]}
+    return chosen
+
+
 def reference_decode(books, fixture, q, sinks, window, budget):
-    """Independent reference: codes by brute-force nearest centroid, LUT scores,
-    selection, exact softmax over the selected positions."""
+    """Independent reference: codes by brute-force nearest centroid in the whitened
+    space, :func:`reference_selection`, exact softmax over the selected positions.
+    -> (output [B, Hq * D], attended token-heads)."""
     runner, fb, layer = fixture.runner, fixture.forward_batch, fixture.actual_module.attn
     kbuf = runner.token_to_kv_pool.get_key_buffer(0)
     vbuf = runner.token_to_kv_pool.get_value_buffer(0)
@@ -73,27 +100,46 @@ def reference_decode(books, fixture, q, sinks, window, budget):
     outs, attended = [], 0
     for b in range(fb.batch_size):
         n = int(fb.seq_lens_cpu[b])
-        slots = runner.req_to_token_pool.req_to_token[b, :n].long()
+        slots = runner.req_to_token_pool.req_to_token[fb.req_pool_indices[b], :n].long()
         k_post, v = kbuf[slots].float(), vbuf[slots].float()  # [n, Hkv, D]
         k_pre = books.rope.unrotate(k_post, torch.arange(n).view(-1, 1))
         codes, _ = assign(k_pre.transpose(0, 1) @ L, cents @ L)  # [Hkv, n]
-        qb = q[b].view(1, hq, HEAD_DIM)
-        q_rot = retrieval.rotated_queries(qb, torch.tensor([n - 1]), books.rope, books.distances)
-        lut = retrieval.lookup_table(q_rot, cents, layer.scaling)
-        scores = retrieval.approx_scores(lut, codes[None], torch.tensor([n]), retrieval.distance_bounds(books.distances), sinks, window)
-        sel = retrieval.select(scores, torch.tensor([n]), budget, sinks, window, hkv)[0]  # [Hkv, S]
+        qb = q[b].view(hq, HEAD_DIM).float()
         out = torch.empty(hq, HEAD_DIM)
-        for h in range(hq):
-            pos = sel[h // g][sel[h // g] >= 0]
-            logits = (k_post[pos, h // g] @ qb[0, h].float()) * layer.scaling
-            out[h] = logits.softmax(-1) @ v[pos, h // g]
-        attended += int((sel >= 0).sum())
+        for kv in range(hkv):
+            pos = torch.tensor(sorted(reference_selection(books, codes, qb, n, layer.scaling, sinks, window,
+                                                          budget.ratio, budget.min_tokens, kv, g)))
+            attended += len(pos)
+            for h in range(kv * g, (kv + 1) * g):
+                logits = (k_post[pos, kv] @ qb[h]) * layer.scaling
+                out[h] = logits.softmax(-1) @ v[pos, kv]
         outs.append(out.reshape(-1))
     return torch.stack(outs), attended
 
 
+def run_sparse_decode(books, case, sinks, window, budget, max_context_len=None):
+    """A kit decode case through the a2ats backend with the prefix's codes stored (the kit
+    writes the prefix into the pool directly) -> (backend output, reference output,
+    attended token-heads of the reference, the backend)."""
+    extra = {} if max_context_len is None else {"max_context_len": max_context_len}
+    fixture = kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32,
+                                                **extra)
+    backend, fb, layer, runner = fixture.backend, fixture.forward_batch, fixture.actual_module.attn, fixture.runner
+    kbuf = runner.token_to_kv_pool.get_key_buffer(0)
+    for b, n in enumerate(case.prefix_lens):
+        slots = runner.req_to_token_pool.req_to_token[fb.req_pool_indices[b], :n].long()
+        backend.retriever.encode(layer.layer_id, kbuf[slots].reshape(n, -1), torch.arange(n), slots)
+    q, k, v = fixture.actual_module.project_qkv(fixture.input_hidden)
+    with forward_context(ForwardContext(attn_backend=backend)):
+        backend.init_forward_metadata(fb)
+        assert backend.forward_metadata.batch.plan is not None  # sparse
+        out = layer(q, k, v, fb)  # RadixAttention -> backend, as in a model
+    want, attended = reference_decode(books, fixture, q, sinks, window, budget)
+    return out, want, attended, backend
+
+
 @pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("kernel", ["torch", "triton", "auto"])  # auto on CPU: the C++ kernel
+@pytest.mark.parametrize("kernel", ["torch", "triton", "cpp"])
 def test_sparse_decode_equals_reference_selection(env, page_size, kernel):
     sinks, window = 4, 8
     books = env(4, 2, budget=0.05, min_tokens=4, sinks=sinks, window=window, kernel=kernel)
@@ -101,25 +147,30 @@ def test_sparse_decode_equals_reference_selection(env, page_size, kernel):
         name="a2ats_sparse", backend="a2ats", forward_mode=ForwardMode.DECODE, num_heads=4, num_kv_heads=2,
         page_size=page_size, prefix_lens=(300, 10, 200),
     )
-    fixture = kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, max_context_len=320, device="cpu", dtype=torch.float32)
-    backend, fb, layer, runner = fixture.backend, fixture.forward_batch, fixture.actual_module.attn, fixture.runner
-    # The prefix went into the pool directly; store its codes as extend would have.
-    kbuf = runner.token_to_kv_pool.get_key_buffer(0)
-    for b, n in enumerate(case.prefix_lens):
-        slots = runner.req_to_token_pool.req_to_token[b, :n].long()
-        backend._encode(layer, kbuf[slots].reshape(n, -1), torch.arange(n), slots)
-    q, k, v = fixture.actual_module.project_qkv(fixture.input_hidden)
-    with torch.no_grad(), forward_context(ForwardContext(attn_backend=backend)):
-        backend.init_forward_metadata(fb)
-        assert backend.forward_metadata.sparse
-        out = layer(q, k, v, fb)  # RadixAttention -> backend, as in a model
-    want, attended = reference_decode(books, fixture, q, sinks, window, retrieval.Budget(0.05, 4))
+    out, want, attended, backend = run_sparse_decode(books, case, sinks, window, retrieval.Budget(0.05, 4, 1 << 30), 320)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
     total = sum(case.seq_lens) * 2
     assert attended < total  # the long requests were really sparse
     assert backend.attended_share() == pytest.approx(attended / total)
     # The short request (11 tokens) fits its budget: its row is exact dense attention.
     assert attended >= 11 * 2 + 2 * (sinks + window + math.ceil(301 * 0.05))
+
+
+SPARSE = dict(budget=0.05, min_tokens=1, sinks=1, window=2)  # a kit sequence of 8-17 tokens keeps 4 of them
+
+
+@pytest.mark.parametrize("case", kit.make_dense_cases("a2ats"), ids=lambda c: c.name)
+def test_sglang_kit_cases_with_a_small_budget(env, case):
+    """Every kit layout with a budget far below its sequences: extend stays exact; decode
+    attends a strict subset, equal to the independent reference selection."""
+    books = env(case.num_heads, case.num_kv_heads, **SPARSE)
+    if not case.forward_mode.is_decode():
+        kit.run_dense_attention_case(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
+        return
+    budget = retrieval.Budget(SPARSE["budget"], SPARSE["min_tokens"], 1 << 30)
+    out, want, attended, _ = run_sparse_decode(books, case, SPARSE["sinks"], SPARSE["window"], budget)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    assert attended < sum(case.seq_lens) * case.num_kv_heads
 
 
 def test_mismatched_codebooks_stop_backend_creation(env):
@@ -138,11 +189,22 @@ def test_bad_config_is_rejected(env):
         kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
 
 
-def test_tensor_parallel_kv_head_split():
-    from a2ats_sglang.backend import local_kv_heads
+@pytest.mark.unpublished_rank
+def test_a_rank_nobody_published_stops_backend_creation(env):
+    """Outside a server nothing says which KV heads are this rank's: creating the backend
+    fails, naming the missing rank, instead of silently serving heads 0..Hkv/TP."""
+    env(4, 2)
+    case = kit.DenseAttentionCase(name="x", backend="a2ats", forward_mode=ForwardMode.DECODE, num_heads=4,
+                                  num_kv_heads=2, page_size=1, prefix_lens=(3,))
+    with pytest.raises(RuntimeError, match="attn_tp_rank"):
+        kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
 
-    assert [local_kv_heads(8, r, 4) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
-    assert [local_kv_heads(2, r, 4) for r in range(4)] == [slice(0, 1), slice(0, 1), slice(1, 2), slice(1, 2)]
+
+def test_tensor_parallel_kv_head_split():
+    from a2ats_sglang.backend.parallel import TensorParallel
+
+    assert [TensorParallel(r, 4).local_kv_heads(8) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert [TensorParallel(r, 4).local_kv_heads(2) for r in range(4)] == [slice(0, 1), slice(0, 1), slice(1, 2), slice(1, 2)]
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
@@ -151,6 +213,7 @@ def test_offload_extend_is_exact_and_fills_the_resident_windows(env, monkeypatch
     extend over cached prefixes equals the kit's dense reference, and afterwards each
     request's resident window holds exactly its sinks and last positions, copied from
     the host pool, though the device-side rows held another request's tokens before."""
+    from a2ats_sglang.backend.offloaded import Offload
     from a2ats_sglang.offload.host_pool import HostKVPool
 
     sinks, window = 4, 8
@@ -161,8 +224,9 @@ def test_offload_extend_is_exact_and_fills_the_resident_windows(env, monkeypatch
     fixture = kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
     backend, fb, pool = fixture.backend, fixture.forward_batch, fixture.runner.token_to_kv_pool
     try:
-        assert isinstance(pool, HostKVPool) and backend.worker is not None and backend.dense is None
-        res = backend.resident
+        offload = backend.strategy
+        assert isinstance(pool, HostKVPool) and isinstance(offload, Offload) and offload.worker is not None
+        res = offload.resident
         for t in res.k + res.v:  # stale: rows last used by other requests
             t.normal_()
         out = kit.run_dense_fixture_eager(fixture)
@@ -178,4 +242,4 @@ def test_offload_extend_is_exact_and_fills_the_resident_windows(env, monkeypatch
             decode = res.decode_rows(req.view(1), torch.tensor([n]))[0]
             assert sorted(decode[decode >= 0].tolist()) == sorted(rows.tolist())
     finally:
-        backend.worker.close()
+        offload.close()
