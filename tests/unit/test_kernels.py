@@ -97,12 +97,14 @@ def test_cpu_kernel_matches_reference(dtype, cap, d, dv):
     torch.testing.assert_close(got_l, want_l, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("hq,hkv,nb", [(8, 2, 4), (9, 3, 1), (4, 4, 8)])
-def test_retrieve_kernels_match_torch(hq, hkv, nb):
+@pytest.mark.parametrize("hq,hkv,nb,twins", [(8, 2, 4, False), (9, 3, 1, False), (4, 4, 8, False), (16, 2, 3, True)])
+def test_retrieve_kernels_match_torch(hq, hkv, nb, twins):
     """The backend's whole retrieval step (WRoPE, LUT, scores, per-head top-K, GQA union)
     through each kernel choice: the Triton kernels (on the device) and the C++ kernel (CPU)
     write exactly the torch path's slots into a column range of a wider selection buffer
-    (as the batch plan lays it out), on ragged requests, one of them covered by its budget."""
+    (as the batch plan lays it out), on ragged requests, one of them covered by its budget;
+    GQA groups of 1 to 8; ``twins``: pairs of equal centroids, so that different LUT
+    cells tie too (their tokens are cut by position across cells)."""
     from a2ats_sglang.backend.retriever import Retriever
     from a2ats_sglang.core.codebook import Codebooks, ModelShape
     from a2ats_sglang.core.rope import RopeSpec
@@ -112,14 +114,17 @@ def test_retrieve_kernels_match_torch(hq, hkv, nb):
     length = int(seq_lens.max())
     rope = RopeSpec(1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), d)
     whiten = torch.eye(d).expand(1, hkv, d, d)
-    books = Codebooks(torch.randn(1, hkv, c, d), whiten, rope, retrieval.wrope_distances(nb, lo=16, hi=1024),
+    centroids = torch.randn(1, hkv, c, d)
+    if twins:
+        centroids[:, :, c // 2:] = centroids[:, :, : c // 2]
+    books = Codebooks(centroids, whiten, rope, retrieval.wrope_distances(nb, lo=16, hi=1024),
                       ModelShape("t", 1, hq, hkv, d))
     codes_buf = torch.randint(0, c, (n_slots, hkv), dtype=torch.int16)
     slots = torch.randperm(n_slots)[: 4 * length].view(4, length)
     q = torch.randn(4, hq, d)
     budget = retrieval.Budget(0.03, 8, 1 << 30)
 
-    def run(dev, impl):
+    def run(dev, impl, topk_baseline=False):
         kernels = KernelChoice(impl, "test")
         retriever = Retriever(books, rope, slice(0, hkv), n_slots, kernels, dev)
         retriever.codes[0] = codes_buf.to(dev)
@@ -129,13 +134,17 @@ def test_retrieve_kernels_match_torch(hq, hkv, nb):
         buffers = kernels.buffers(4, hq, hkv, d, selection.shape[-1], dev, length, p.kmax, retriever.lut_shape)
         retriever.retrieve(0, q.to(dev), (seq_lens - 1).to(dev), d ** -0.5, slots.to(dev), p,
                            selection[..., fixed_width:], buffers)
+        if topk_baseline:  # the earlier C++ kernel (per-head nth_element over tokens) on the same LUT
+            cpu.extension().retrieve_topk(buffers.lut, retriever.codes[0], slots, p.seq_lens, p.k,
+                                          retriever.bounds[: nb - 1], 4, 16, selection[..., fixed_width:])
         assert (selection[..., :fixed_width] == 7).all()  # the fixed part is left alone
         return selection[..., fixed_width:].cpu()
 
     want = run("cpu", Impl.TORCH)
     assert torch.equal(run(DEV, Impl.TRITON), want)
     if cpu.unavailable_reason() is None:
-        assert torch.equal(run("cpu", Impl.CPP), want)
+        assert torch.equal(run("cpu", Impl.CPP), want)  # the histogram kernel
+        assert torch.equal(run("cpu", Impl.CPP, topk_baseline=True), want)
     want = want[..., : int((want >= 0).sum(-1).max())]
     # each request retrieves its budget per query head: K..g*K per KV head; the covered one nothing
     count = (want >= 0).sum(-1)
