@@ -64,6 +64,21 @@ def test_sglang_kit_cases_cpu_dense_backend(case):
     kit.run_dense_attention_case(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("case", [c for c in kit.make_dense_cases("a2ats_dense") if c.forward_mode.is_decode()],
+                         ids=lambda c: c.name)
+def test_cpu_dense_decode_is_the_cpp_kernel_over_every_slot(case):
+    """a2ats_dense's decode (the dense baseline) runs the C++ kernel over every slot and
+    equals the kit's dense reference to float32 rounding, tighter than the kit's tolerance."""
+    from a2ats_sglang.kernels import cpu
+
+    if cpu.unavailable_reason() is not None:
+        pytest.skip("no C++ compiler for the CPU kernels: torch_native's decode is used")
+    fixture = kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
+    out = kit.run_dense_fixture_eager(fixture)
+    assert fixture.backend.decode_state is not None  # the batch's slots and buffers: the C++ path ran
+    torch.testing.assert_close(out, kit.expected_dense_fixture_output(fixture), atol=1e-5, rtol=1e-5)
+
+
 def reference_selection(books, codes, q_post, n, scale, sinks, window, ratio, min_tokens, kv, g):
     """Positions attended by KV head ``kv`` of a request of ``n`` tokens, from first
     principles: each query head of its group scores every token outside sinks and window
