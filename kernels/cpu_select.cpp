@@ -23,9 +23,88 @@
 #include <atomic>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace {
+
+// The inputs of one layer's retrieval, checked once. lut f32 [B, Hq, NB, C] contiguous; codes int16
+// [N, Hkv]; slots i64 [B, L] physical slot of each position, contiguous; seq_lens i64 [B]; k i64 [B]
+// per-head top-K; bounds f32 [NB-1] distance bucket bounds; out i64 [B, Hkv, R] (last dim contiguous,
+// any row stride, e.g. a column range of the batch's selection buffer; R: a host-known capacity >= the
+// largest union, e.g. G * max(k)).
+struct Selection {
+  torch::Tensor lens_t, k_t, bounds_t;  // contiguous copies kept alive
+  const float* lut;
+  const int16_t* codes;
+  const int64_t* slots;
+  const float* bounds;
+  const int64_t* lens;
+  const int64_t* k;
+  int64_t* out;
+  int64_t B, Hq, NB, C, Hkv, G, L, R, code_row, code_head, out_b, out_h, sinks, window;
+
+  Selection(torch::Tensor lut_, torch::Tensor codes_, torch::Tensor slots_, torch::Tensor seq_lens,
+            torch::Tensor k_, torch::Tensor bounds_, int64_t sinks_, int64_t window_, torch::Tensor out_) {
+    TORCH_CHECK(lut_.dim() == 4 && lut_.scalar_type() == torch::kFloat, "lut must be f32 [B, Hq, NB, C]");
+    TORCH_CHECK(codes_.dim() == 2 && codes_.scalar_type() == torch::kShort, "codes must be int16 [N, Hkv]");
+    TORCH_CHECK(slots_.dim() == 2 && slots_.scalar_type() == torch::kLong, "slots must be i64 [B, L]");
+    TORCH_CHECK(lut_.is_contiguous() && slots_.is_contiguous(), "lut and slots must be contiguous");
+    TORCH_CHECK(seq_lens.scalar_type() == torch::kLong && k_.scalar_type() == torch::kLong &&
+                bounds_.scalar_type() == torch::kFloat, "seq_lens and k must be i64, bounds f32");
+    TORCH_CHECK(out_.dim() == 3 && out_.scalar_type() == torch::kLong && out_.stride(2) == 1,
+                "out must be i64 [B, Hkv, R] with a contiguous last dim");
+    lens_t = seq_lens.contiguous();
+    k_t = k_.contiguous();
+    bounds_t = bounds_.contiguous();
+    B = lut_.size(0), Hq = lut_.size(1), NB = lut_.size(2), C = lut_.size(3), Hkv = codes_.size(1);
+    L = slots_.size(1), R = out_.size(2);
+    TORCH_CHECK(Hq % Hkv == 0 && slots_.size(0) == B && lens_t.numel() == B && k_t.numel() == B &&
+                bounds_t.numel() == NB - 1 && out_.size(0) == B && out_.size(1) == Hkv, "shape mismatch");
+    G = Hq / Hkv;
+    code_row = codes_.stride(0), code_head = codes_.stride(1), out_b = out_.stride(0), out_h = out_.stride(1);
+    sinks = sinks_, window = window_;
+    lut = lut_.data_ptr<float>(), codes = codes_.data_ptr<int16_t>(), slots = slots_.data_ptr<int64_t>();
+    bounds = bounds_t.data_ptr<float>(), lens = lens_t.data_ptr<int64_t>(), k = k_t.data_ptr<int64_t>();
+    out = out_.data_ptr<int64_t>();
+  }
+
+  // The LUT cell (distance bucket x C + code) of positions [lo, hi) of request b for KV head h.
+  template <typename Cell, typename Visit>
+  void cells(int64_t b, int64_t h, int64_t n, int64_t lo, int64_t hi, Visit visit) const {
+    int64_t bucket = 0;  // distances fall as positions rise: walk the buckets down
+    for (int64_t bkt = 0; bkt < NB - 1; ++bkt) bucket += static_cast<float>(n - 1 - lo) >= bounds[bkt];
+    for (int64_t j = lo; j < hi; ++j) {
+      const float dist = static_cast<float>(n - 1 - j);
+      while (bucket > 0 && dist < bounds[bucket - 1]) --bucket;
+      visit(j - lo, static_cast<Cell>(bucket * C + codes[slots[b * L + j] * code_row + h * code_head]));
+    }
+  }
+
+  // Runs select(b, h, n, lo, m, want, emit) for every (request, KV head) with tokens to retrieve;
+  // emit(i) must be called in ascending i for each retrieved position lo + i. Fills the rest with -1.
+  template <typename Select>
+  void run(Select select) const {
+    std::atomic<int64_t> overflow{0};
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv, n = std::min(lens[b], L), top = k[b];
+        const int64_t lo = sinks, hi = n - window;
+        int64_t* row = out + b * out_b + h * out_h;
+        int64_t written = 0;
+        if (top + sinks + window < n && hi > lo && top > 0) {  // else covered by the fixed part, or nothing to score
+          select(b, h, n, lo, hi - lo, std::min(top, hi - lo), [&](int64_t i) {
+            if (written < R) row[written] = slots[b * L + lo + i];
+            ++written;
+          });
+        }
+        if (written > R) overflow.store(written);
+        std::fill(row + std::min(written, R), row + R, -1);
+      }
+    });
+    TORCH_CHECK(overflow.load() == 0, "retrieved ", overflow.load(), " slots for one KV head, more than the capacity ", R);
+  }
+};
 
 // float32 score + position -> int64 ordered like scores_with_position_tiebreak.
 inline int64_t key(float x, int64_t pos) {  // (score, then earlier position) as one int64 order
@@ -34,81 +113,6 @@ inline int64_t key(float x, int64_t pos) {  // (score, then earlier position) as
   const int64_t ord = bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
   return static_cast<int64_t>(static_cast<uint64_t>(ord) << 32) | (0xFFFFFFFFLL - pos);
 }
-
-}  // namespace
-
-// lut f32 [B, Hq, NB, C] contiguous; codes int16 [N, Hkv]; slots i64 [B, L] physical slot of each
-// position; seq_lens i64 [B]; k i64 [B] per-head top-K; bounds f32 [NB-1] distance bucket bounds.
-// Writes the retrieved slots (ascending position, -1 padded) into out i64 [B, Hkv, R] (last dim contiguous;
-// any row stride, e.g. a column range of the batch's selection buffer; R: a host-known capacity >= the
-// largest union, e.g. G * max(k)).
-void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
-                  torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
-  TORCH_CHECK(lut.dim() == 4 && lut.scalar_type() == torch::kFloat, "lut must be f32 [B, Hq, NB, C]");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kShort, "codes must be int16 [N, Hkv]");
-  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kLong, "slots must be i64 [B, L]");
-  TORCH_CHECK(lut.is_contiguous() && slots.is_contiguous(), "lut and slots must be contiguous");
-  TORCH_CHECK(seq_lens.scalar_type() == torch::kLong && k.scalar_type() == torch::kLong &&
-              bounds.scalar_type() == torch::kFloat, "seq_lens and k must be i64, bounds f32");
-  TORCH_CHECK(out.dim() == 3 && out.scalar_type() == torch::kLong && out.stride(2) == 1,
-              "out must be i64 [B, Hkv, R] with a contiguous last dim");
-  auto lens = seq_lens.contiguous();
-  auto kk = k.contiguous();
-  auto bnd = bounds.contiguous();
-  const int64_t B = lut.size(0), Hq = lut.size(1), NB = lut.size(2), C = lut.size(3), Hkv = codes.size(1);
-  const int64_t L = slots.size(1), cs = codes.stride(0), ch = codes.stride(1);
-  TORCH_CHECK(Hq % Hkv == 0 && slots.size(0) == B && lens.numel() == B && kk.numel() == B && bnd.numel() == NB - 1 &&
-              out.size(0) == B && out.size(1) == Hkv, "shape mismatch");
-  const int64_t R = out.size(2), ob = out.stride(0), oh = out.stride(1);
-  const int64_t G = Hq / Hkv;
-  const float* lp = lut.data_ptr<float>();
-  const int16_t* cp = codes.data_ptr<int16_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const float* bp = bnd.data_ptr<float>();
-  const int64_t* np = lens.data_ptr<int64_t>();
-  const int64_t* kp = kk.data_ptr<int64_t>();
-  int64_t* op = out.data_ptr<int64_t>();
-  std::atomic<int64_t> overflow{0};
-
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> base, keys;  // base: LUT column of each scorable position
-    std::vector<uint8_t> hit;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hkv, h = bh % Hkv, n = std::min(np[b], L), top = kp[b];
-      const int64_t lo = sinks, hi = n - window;
-      int64_t* row_out = op + b * ob + h * oh;
-      std::fill(row_out, row_out + R, -1);
-      if (top + sinks + window >= n || hi <= lo || top <= 0) continue;  // covered by the fixed part, or nothing to score
-      const int64_t m = hi - lo, want = std::min(top, m);
-      base.resize(m);
-      int64_t bucket = 0;  // distances fall as positions rise: walk the buckets down
-      for (int64_t bkt = 0; bkt < NB - 1; ++bkt) bucket += static_cast<float>(n - 1 - lo) >= bp[bkt];
-      for (int64_t j = lo; j < hi; ++j) {
-        const float dist = static_cast<float>(n - 1 - j);
-        while (bucket > 0 && dist < bp[bucket - 1]) --bucket;
-        base[j - lo] = bucket * C + cp[sp[b * L + j] * cs + h * ch];
-      }
-      hit.assign(m, 0);
-      keys.resize(m);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* row = lp + (b * Hq + h * G + g) * NB * C;
-        for (int64_t i = 0; i < m; ++i) keys[i] = key(row[base[i]], lo + i);
-        std::nth_element(keys.begin(), keys.begin() + (want - 1), keys.end(), std::greater<int64_t>());
-        for (int64_t i = 0; i < want; ++i) hit[0xFFFFFFFFLL - (keys[i] & 0xFFFFFFFFLL) - lo] = 1;
-      }
-      int64_t count = 0;
-      for (int64_t i = 0; i < m; ++i) {
-        if (!hit[i]) continue;
-        if (count < R) row_out[count] = sp[b * L + lo + i];
-        ++count;
-      }
-      if (count > R) overflow.store(count);
-    }
-  });
-  TORCH_CHECK(overflow.load() == 0, "retrieved ", overflow.load(), " slots for one KV head, more than the capacity ", R);
-}
-
-namespace {
 
 inline uint32_t ordered(float x) {  // float32 -> uint32 with the same order
   uint32_t bits;
@@ -141,93 +145,74 @@ std::pair<uint32_t, int64_t> radix_threshold(const uint32_t* keys, const int32_t
 
 }  // namespace
 
+void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
+                       torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
+  const Selection sel(lut, codes, slots, seq_lens, k, bounds, sinks, window, out);
+  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, auto emit) {
+    thread_local std::vector<int64_t> base, keys;  // base: LUT column of each scorable position
+    thread_local std::vector<uint8_t> hit;
+    base.resize(m);
+    sel.cells<int64_t>(b, h, n, lo, lo + m, [&](int64_t i, int64_t c) { base[i] = c; });
+    hit.assign(m, 0);
+    keys.resize(m);
+    for (int64_t g = 0; g < sel.G; ++g) {
+      const float* row = sel.lut + (b * sel.Hq + h * sel.G + g) * sel.NB * sel.C;
+      for (int64_t i = 0; i < m; ++i) keys[i] = key(row[base[i]], lo + i);
+      std::nth_element(keys.begin(), keys.begin() + (want - 1), keys.end(), std::greater<int64_t>());
+      for (int64_t i = 0; i < want; ++i) hit[0xFFFFFFFFLL - (keys[i] & 0xFFFFFFFFLL) - lo] = 1;
+    }
+    for (int64_t i = 0; i < m; ++i)
+      if (hit[i]) emit(i);
+  });
+}
+
 void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
                        torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
-  TORCH_CHECK(lut.dim() == 4 && lut.scalar_type() == torch::kFloat, "lut must be f32 [B, Hq, NB, C]");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kShort, "codes must be int16 [N, Hkv]");
-  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kLong, "slots must be i64 [B, L]");
-  TORCH_CHECK(lut.is_contiguous() && slots.is_contiguous(), "lut and slots must be contiguous");
-  TORCH_CHECK(seq_lens.scalar_type() == torch::kLong && k.scalar_type() == torch::kLong &&
-              bounds.scalar_type() == torch::kFloat, "seq_lens and k must be i64, bounds f32");
-  TORCH_CHECK(out.dim() == 3 && out.scalar_type() == torch::kLong && out.stride(2) == 1,
-              "out must be i64 [B, Hkv, R] with a contiguous last dim");
-  auto lens = seq_lens.contiguous();
-  auto kk = k.contiguous();
-  auto bnd = bounds.contiguous();
-  const int64_t B = lut.size(0), Hq = lut.size(1), NB = lut.size(2), C = lut.size(3), Hkv = codes.size(1);
-  const int64_t L = slots.size(1), cs = codes.stride(0), ch = codes.stride(1), NC = NB * C;
-  TORCH_CHECK(Hq % Hkv == 0 && slots.size(0) == B && lens.numel() == B && kk.numel() == B && bnd.numel() == NB - 1 &&
-              out.size(0) == B && out.size(1) == Hkv, "shape mismatch");
-  const int64_t G = Hq / Hkv;
-  TORCH_CHECK(G <= 64, "at most 64 query heads per KV head");
-  const int64_t R = out.size(2), ob = out.stride(0), oh = out.stride(1);
-  const float* lp = lut.data_ptr<float>();
-  const int16_t* cp = codes.data_ptr<int16_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const float* bp = bnd.data_ptr<float>();
-  const int64_t* np = lens.data_ptr<int64_t>();
-  const int64_t* kp = kk.data_ptr<int64_t>();
-  int64_t* op = out.data_ptr<int64_t>();
-  std::atomic<int64_t> overflow{0};
-
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  const Selection sel(lut, codes, slots, seq_lens, k, bounds, sinks, window, out);
+  TORCH_CHECK(sel.G <= 64, "at most 64 query heads per KV head");
+  const int64_t NC = sel.NB * sel.C;
+  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, auto emit) {
     // per-cell state, zero between uses: only the cells a request touches are written and cleared,
     // so a short context with many cells (e.g. 8 distances x 4096 codes) costs O(its tokens)
-    std::vector<int32_t> cell, count(NC, 0), nonempty, cand, next;
-    std::vector<uint32_t> keys(NC);
-    std::vector<uint64_t> whole(NC, 0), tie(NC, 0);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hkv, h = bh % Hkv, n = std::min(np[b], L), top = kp[b];
-      const int64_t lo = sinks, hi = n - window;
-      int64_t* row_out = op + b * ob + h * oh;
-      std::fill(row_out, row_out + R, -1);
-      if (top + sinks + window >= n || hi <= lo || top <= 0) continue;  // covered by the fixed part, or nothing to score
-      const int64_t m = hi - lo, want = std::min(top, m);
-      // 1. each scorable token's cell, and the tokens per cell
-      cell.resize(m);
-      nonempty.clear();
-      int64_t bucket = 0;  // distances fall as positions rise: walk the buckets down
-      for (int64_t bkt = 0; bkt < NB - 1; ++bkt) bucket += static_cast<float>(n - 1 - lo) >= bp[bkt];
-      for (int64_t j = lo; j < hi; ++j) {
-        const float dist = static_cast<float>(n - 1 - j);
-        while (bucket > 0 && dist < bp[bucket - 1]) --bucket;
-        const int32_t c = static_cast<int32_t>(bucket * C + cp[sp[b * L + j] * cs + h * ch]);
-        cell[j - lo] = c;
-        if (count[c]++ == 0) nonempty.push_back(c);
+    thread_local std::vector<int32_t> cell, count, nonempty, cand, next;
+    thread_local std::vector<uint32_t> keys;
+    thread_local std::vector<uint64_t> whole, tie;
+    if (static_cast<int64_t>(count.size()) < NC) count.assign(NC, 0), keys.resize(NC), whole.assign(NC, 0),
+                                                 tie.assign(NC, 0);
+    // 1. each scorable token's cell, and the tokens per cell
+    cell.resize(m);
+    nonempty.clear();
+    sel.cells<int32_t>(b, h, n, lo, lo + m, [&](int64_t i, int32_t c) {
+      cell[i] = c;
+      if (count[c]++ == 0) nonempty.push_back(c);
+    });
+    // 2. each query head's threshold over the cells: whole cells above it, a tie group at it
+    int64_t need[64];
+    for (int64_t g = 0; g < sel.G; ++g) {
+      const float* row = sel.lut + (b * sel.Hq + h * sel.G + g) * NC;
+      for (int32_t c : nonempty) keys[c] = ordered(row[c]);
+      cand = nonempty;
+      const auto [threshold, above] = radix_threshold(keys.data(), count.data(), cand, next, want);
+      need[g] = want - above;
+      const uint64_t bit = uint64_t{1} << g;
+      for (int32_t c : nonempty) {
+        if (keys[c] > threshold) whole[c] |= bit;
+        else if (keys[c] == threshold) tie[c] |= bit;
       }
-      // 2. each query head's threshold over the cells: whole cells above it, a tie group at it
-      int64_t need[64];
-      for (int64_t g = 0; g < G; ++g) {
-        const float* row = lp + (b * Hq + h * G + g) * NC;
-        for (int32_t c : nonempty) keys[c] = ordered(row[c]);
-        cand = nonempty;
-        const auto [threshold, above] = radix_threshold(keys.data(), count.data(), cand, next, want);
-        need[g] = want - above;
-        const uint64_t bit = uint64_t{1} << g;
-        for (int32_t c : nonempty) {
-          if (keys[c] > threshold) whole[c] |= bit;
-          else if (keys[c] == threshold) tie[c] |= bit;
-        }
-      }
-      // 3. one pass in position order: the union, ties to the earlier position
-      int64_t written = 0;
-      for (int64_t i = 0; i < m; ++i) {
-        const int32_t c = cell[i];
-        bool take = whole[c] != 0;
-        for (uint64_t t = tie[c]; t; t &= t - 1) {
-          const int g = __builtin_ctzll(t);
-          if (need[g] > 0) {
-            --need[g];
-            take = true;
-          }
-        }
-        if (!take) continue;
-        if (written < R) row_out[written] = sp[b * L + lo + i];
-        ++written;
-      }
-      if (written > R) overflow.store(written);
-      for (int32_t c : nonempty) count[c] = 0, whole[c] = 0, tie[c] = 0;
     }
+    // 3. one pass in position order: the union, ties to the earlier position
+    for (int64_t i = 0; i < m; ++i) {
+      const int32_t c = cell[i];
+      bool take = whole[c] != 0;
+      for (uint64_t t = tie[c]; t; t &= t - 1) {
+        const int g = __builtin_ctzll(t);
+        if (need[g] > 0) {
+          --need[g];
+          take = true;
+        }
+      }
+      if (take) emit(i);
+    }
+    for (int32_t c : nonempty) count[c] = 0, whole[c] = 0, tie[c] = 0;
   });
-  TORCH_CHECK(overflow.load() == 0, "retrieved ", overflow.load(), " slots for one KV head, more than the capacity ", R);
 }
