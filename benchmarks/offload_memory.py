@@ -40,6 +40,14 @@ def best_time(fn, repeat=5):
     return min(times)
 
 
+def write_results(out: Path, name: str, table: str, payload: dict) -> None:
+    """Print ``table`` and write it to OUT/NAME.md, ``payload`` to OUT/NAME.json."""
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+
+
 def copy_bandwidth(nbytes=512 << 20) -> float:
     """GB/s of torch copy (bytes read + bytes written per second), the machine's streaming reference."""
     src = torch.rand(nbytes // 4)
@@ -131,11 +139,7 @@ def main(argv=None):
                      f"**{100 * k['cpp_gb_s'] / copy:.0f} %** | {k['cpp_huge_gb_s']:.1f} GB/s | "
                      f"**{100 * k['cpp_huge_gb_s'] / copy:.0f} %** | {k['torch_gb_s']:.1f} GB/s | "
                      f"{100 * k['torch_gb_s'] / copy:.0f} % |")
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "offload_memory.md").write_text(table + "\n")
-    (args.out / "offload_memory.json").write_text(json.dumps({"memory": rows, "copy_gb_s": copy, "kernel": kern}, indent=1))
+    write_results(args.out, "offload_memory", "\n".join(lines), {"memory": rows, "copy_gb_s": copy, "kernel": kern})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ machine's measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from offload_memory import best_time, copy_bandwidth
+from offload_memory import best_time, copy_bandwidth, write_results
 
 from a2ats_sglang.config import A2ATSConfig
 from a2ats_sglang.core.codebook import ModelShape
@@ -135,11 +134,7 @@ def main(argv=None):
                      f"{r['hist_ms']:.2f} ({r['hist_range'][0]:.2f}–{r['hist_range'][1]:.2f}) | "
                      f"**{r['speedup']:.2f}x** | {r['hist_ms'] / r['floor_ms']:.1f}x | {r['lut_ms']:.2f} | "
                      f"{r['attn_ms']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "retrieval_cost.md").write_text(table + "\n")
-    (args.out / "retrieval_cost.json").write_text(json.dumps({"copy_gb_s": copy, "rows": rows}, indent=1))
+    write_results(args.out, "retrieval_cost", "\n".join(lines), {"copy_gb_s": copy, "rows": rows})
 
 
 if __name__ == "__main__":
