@@ -14,6 +14,7 @@ except ImportError:
 
 import pytest
 import torch
+from support.serving import SERVER_ARGS
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +24,6 @@ def default_model_dir():
     path = build_default_model()
     ensure_default_codebooks(path)
     return path
-
-
-SERVER_ARGS = ["--max-total-tokens", "20000", "--decode-log-interval", "1", "--max-running-requests", "8", "--enable-cache-report"]
 
 
 @pytest.fixture(scope="session")
@@ -50,20 +48,3 @@ def dense(default_model_dir):
 def _seed():
     torch.manual_seed(0)
 
-
-def make_codebooks(num_layers, num_q, num_kv, head_dim, num_codes=16, distances=(4, 16, 64), seed=0):
-    """Random but valid codebooks for a model shape (default rope, base 10000)."""
-    from a2ats_sglang.core.codebook import Codebooks, ModelShape
-    from a2ats_sglang.core.rope import RopeSpec
-
-    g = torch.Generator().manual_seed(seed)
-    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    a = torch.randn(num_layers, num_kv, head_dim, head_dim, generator=g) * 0.1
-    whiten = torch.linalg.cholesky(a @ a.transpose(-1, -2) + torch.eye(head_dim))
-    return Codebooks(
-        centroids=torch.randn(num_layers, num_kv, num_codes, head_dim, generator=g),
-        whiten=whiten,
-        rope=RopeSpec(inv, head_dim),
-        distances=tuple(distances),
-        shape=ModelShape("tiny", num_layers, num_q, num_kv, head_dim),
-    )

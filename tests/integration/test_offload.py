@@ -11,8 +11,7 @@ import time
 
 import pytest
 import requests
-from conftest import SERVER_ARGS
-from test_server import generate
+from support.serving import SERVER_ARGS, chat, generate
 
 from a2ats_sglang.harness.server import launch_server, run_server_expecting_failure
 from a2ats_sglang.calibration.texts import long_text
@@ -84,19 +83,24 @@ def test_killing_the_worker_mid_stream_leaves_the_server_answering(offload):
 
 
 def test_dozens_of_concurrent_multi_turn_sessions(offload):
+    """24 two-turn sessions, 12 at a time, give each session the same greedy answers
+    as the same sessions run one after another, and every turn of every session is answered."""
     doc = long_text(1200, offset=800)
 
     def session(i):
         msgs = [{"role": "system", "content": doc}, {"role": "user", "content": f"Give me the number {i}."}]
+        turns = []
         for _ in range(2):
-            r = requests.post(offload.url + "/v1/chat/completions", json={"model": "default", "messages": msgs, "temperature": 0,
-                                                                          "max_tokens": 4}, timeout=600)
-            r.raise_for_status()
-            msgs += [r.json()["choices"][0]["message"], {"role": "user", "content": "And again?"}]
-        return True
+            r = chat(offload, msgs, max_tokens=4, timeout=600)
+            turns.append((r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]))
+            msgs += [r["choices"][0]["message"], {"role": "user", "content": "And again?"}]
+        return turns
 
     with cf.ThreadPoolExecutor(12) as pool:
-        assert all(pool.map(session, range(24)))
+        concurrent = dict(zip(range(24), pool.map(session, range(24))))
+    sequential = {i: session(i) for i in range(24)}
+    assert all(len(turns) == 2 and all(n >= 1 for _, _, n in turns) for turns in concurrent.values()), concurrent
+    assert concurrent == sequential
 
 
 def test_host_pool_full_evicts_instead_of_failing(default_model_dir):
@@ -180,3 +184,39 @@ def test_host_memory_sets_the_pool_size(default_model_dir):
 def test_offload_without_the_a2ats_backend_is_refused(default_model_dir):
     code, out = run_server_expecting_failure(default_model_dir, "torch_native", ["--a2ats-offload"])
     assert code != 0 and "--a2ats-offload needs --attention-backend a2ats" in out
+
+
+def test_a_server_stopped_by_sigterm_leaves_no_worker_directory(default_model_dir):
+    """SIGTERM to the server's process group (as harness stop(), systemd and container
+    runtimes do) reaches its CPU worker: it removes its private ``a2ats-worker-*`` directory
+    (the IPC socket) on the way out, so no new one remains in the temp folder."""
+    import tempfile
+
+    from a2ats_sglang.offload.protocol import IPC_DIR_PREFIX
+
+    def worker_dirs() -> set[str]:
+        tmp = tempfile.gettempdir()
+        return {os.path.join(tmp, d) for d in os.listdir(tmp) if d.startswith(IPC_DIR_PREFIX)}
+
+    before = worker_dirs()
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-offload"]) as srv:
+        r = generate(srv, long_text(2000, offset=2500) + "\n\nSummary:", 4)
+        assert r["meta_info"]["completion_tokens"] == 4  # the worker has served: started, ready, busy
+        pids = set()
+        for pid in worker_processes():
+            try:
+                if os.getpgid(pid) == srv.process.pid:  # started with a session (group) of its own
+                    pids.add(pid)
+            except ProcessLookupError:
+                pass
+        # this server's workers' directories: logged when ready (also replaced ones) or on a live worker's command line
+        ours = {os.path.dirname(p) for p in re.findall(r"CPU attention worker pid \d+ ready \(ipc (\S+),", srv.log())}
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode().split("\0")
+            ours.add(os.path.dirname(args[args.index("--ipc") + 1]))
+        assert pids and ours and ours <= worker_dirs() - before
+    # launch_server has stopped it: SIGTERM to its process group, SIGKILL to what was left after the grace period
+    assert not pids & worker_processes()
+    new = worker_dirs() - before  # (a concurrent unit test elsewhere may add its own: only ours must be gone)
+    assert not new & ours, f"left behind: {sorted(new & ours)}"

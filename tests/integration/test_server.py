@@ -7,27 +7,13 @@ import re
 
 import pytest
 import requests
-
-from conftest import SERVER_ARGS
+from support.codebooks import make_codebooks
+from support.serving import PLANTED_FACTS_FLOOR, SERVER_ARGS, chat, generate, planted_facts_answered
 
 from a2ats_sglang.harness.server import run_server_expecting_failure
 from a2ats_sglang.calibration.texts import long_text
 
 pytestmark = pytest.mark.server
-
-
-def generate(srv, text, max_new_tokens=16, **params):
-    r = requests.post(srv.url + "/generate", json={"text": text, "sampling_params": {
-        "max_new_tokens": max_new_tokens, "temperature": 0, **params}}, timeout=300)
-    r.raise_for_status()
-    return r.json()
-
-
-def chat(srv, messages, **kw):
-    r = requests.post(srv.url + "/v1/chat/completions", json={"model": "default", "messages": messages,
-                                                             "temperature": 0, "max_tokens": 24, **kw}, timeout=300)
-    r.raise_for_status()
-    return r.json()
 
 
 def test_generate_and_greedy_equal_to_dense_when_prompts_fit(a2ats, dense):
@@ -84,24 +70,9 @@ def test_concurrent_requests(a2ats):
     assert solo["text"] == outs[3]["text"]  # batching does not change a greedy answer
 
 
-FACTS = [("Zorblat", "7319"), ("Quenmir", "2846"), ("Havelin", "5093")]
-
-
-def planted_prompt(name, code, offset):
-    text = long_text(9000, offset=offset)  # about 2K tokens of real text
-    cut = len(text) // 2
-    text = text[:cut] + f"\n\nImportant: the secret code of {name} is {code}.\n\n" + text[cut:]
-    return f"{text}\n\nQuestion: What is the secret code of {name}?\nAnswer: The secret code of {name} is"
-
-
 def test_long_prompts_answer_as_often_as_dense_and_attend_a_fraction(a2ats, dense):
-    right = {"a2ats": 0, "dense": 0}
-    for i, (name, code) in enumerate(FACTS):
-        prompt = planted_prompt(name, code, offset=40 * i)
-        for key, srv in (("a2ats", a2ats), ("dense", dense)):
-            out = generate(srv, prompt, 8)
-            assert out["meta_info"]["prompt_tokens"] >= 2000
-            right[key] += code in out["text"]
+    right = {"a2ats": planted_facts_answered(a2ats), "dense": planted_facts_answered(dense)}
+    assert right["dense"] >= PLANTED_FACTS_FLOOR, right  # the model finds the facts: the comparison means something
     assert right["a2ats"] >= right["dense"], right
     shares = [float(m) for m in re.findall(r"a2ats decode batch: .* attended ([\d.]+)% of context", a2ats.log())]
     assert shares and min(shares) < 25.0  # sinks + window + 3 % budget of ~2K tokens, per KV head
@@ -118,8 +89,6 @@ def test_bad_option_stops_the_server_at_start(default_model_dir):
 
 
 def test_mismatched_codebooks_stop_the_server(default_model_dir, tmp_path):
-    from conftest import make_codebooks
-
     make_codebooks(30, 9, 1, 64).save(tmp_path / "wrong.safetensors")
     code, out = run_server_expecting_failure(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-codebook", str(tmp_path / "wrong.safetensors")])
     assert code != 0 and "num_kv_heads: file has 1, model has 3" in out

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_codebooks
+from support.codebooks import make_codebooks
 
 from a2ats_sglang.core.codebook import CodebookMismatch, Codebooks, LayerCodebook, ModelShape
 from a2ats_sglang.core.quantizer import assign

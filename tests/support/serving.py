@@ -1,0 +1,52 @@
+"""Talking to the servers the tests start: server arguments, request helpers and the
+planted-fact prompts. Imports are inside the functions so that conftest (which reads
+SERVER_ARGS) needs neither ``requests`` nor the text corpus to run the unit tests."""
+
+SERVER_ARGS = ["--max-total-tokens", "20000", "--decode-log-interval", "1", "--max-running-requests", "8", "--enable-cache-report"]
+
+
+def generate(srv, text, max_new_tokens=16, **params):
+    """Greedy ``/generate`` (temperature 0 unless ``params`` says otherwise); the JSON reply."""
+    import requests
+
+    r = requests.post(srv.url + "/generate", json={"text": text, "sampling_params": {
+        "max_new_tokens": max_new_tokens, "temperature": 0, **params}}, timeout=300)
+    r.raise_for_status()
+    return r.json()
+
+
+def chat(srv, messages, timeout=300, **kw):
+    """Greedy ``/v1/chat/completions`` (24 tokens unless ``kw`` says otherwise); the JSON reply."""
+    import requests
+
+    r = requests.post(srv.url + "/v1/chat/completions", json={"model": "default", "messages": messages,
+                                                             "temperature": 0, "max_tokens": 24, **kw}, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+FACTS = [("Zorblat", "7319"), ("Quenmir", "2846"), ("Havelin", "5093")]
+# How many of FACTS a working server must answer: quality comparisons that pass when both
+# sides answer nothing would not catch a broken model, tokenizer or backend.
+PLANTED_FACTS_FLOOR = len(FACTS)
+
+
+def planted_prompt(name, code, offset):
+    """About 2K tokens of real text with ``name``'s secret code planted in the middle, then the question."""
+    from a2ats_sglang.calibration.texts import long_text
+
+    text = long_text(9000, offset=offset)
+    cut = len(text) // 2
+    text = text[:cut] + f"\n\nImportant: the secret code of {name} is {code}.\n\n" + text[cut:]
+    return f"{text}\n\nQuestion: What is the secret code of {name}?\nAnswer: The secret code of {name} is"
+
+
+def planted_facts_answered(srv, facts=FACTS):
+    """How many of ``facts`` the server answers right when each is planted in a long prompt
+    (greedy, 8 tokens); every prompt checked to be at least 2000 tokens long."""
+    right = 0
+    for i, (name, code) in enumerate(facts):
+        out = generate(srv, planted_prompt(name, code, offset=40 * i), 8)
+        assert out["meta_info"]["prompt_tokens"] >= 2000
+        right += code in out["text"]
+    return right
