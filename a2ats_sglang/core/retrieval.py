@@ -85,7 +85,10 @@ def lookup_table(q_rot: torch.Tensor, centroids: torch.Tensor, scale: float, out
     if out is None:
         out = torch.empty(b, hq, nb, c, dtype=torch.float32, device=q_rot.device)
     grouped = out.view(b, hkv, hq // hkv * nb, c)
-    torch.matmul(q_rot.float().reshape(b, hkv, -1, d), centroids.float().transpose(1, 2), out=grouped)
+    q = q_rot.float().reshape(b, hkv, -1, d)
+    cent_t = centroids.float().transpose(1, 2)
+    for i in range(b):  # one GEMM per request: a matmul broadcasting over B takes a path several times slower
+        torch.bmm(q[i], cent_t, out=grouped[i])
     return out.mul_(scale)
 
 
