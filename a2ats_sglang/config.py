@@ -30,6 +30,9 @@ class A2ATSConfig:
                            min=0, max=1, min_exclusive=True)
     min_tokens: int = option(32, "retrieve at least this many tokens per query head", min=0)
     max_tokens: int = option(1 << 30, "retrieve at most this many tokens per query head", min=1)
+    top_p: float = option(0.0, "adaptive budget: each query head retrieves the fewest tokens whose estimated softmax "
+                               "mass reaches this share (clamped by min/max tokens; replaces --a2ats-budget); 0 = off",
+                          min=0, max=1)
     sinks: int = option(8, "first tokens of every sequence always attended (paper: 8)", min=0)
     window: int = option(64, "most recent tokens always attended (paper: 64)", min=1)
     dense_below: int = option(0, "decode batches whose longest context is below this many tokens use dense attention",
@@ -44,15 +47,15 @@ class A2ATSConfig:
     worker_timeout: float = option(30.0, "seconds before an unanswered CPU worker is replaced", min=0, min_exclusive=True)
 
     def __post_init__(self):
+        validate(self, "a2ats: ", self.where)  # each option's own range, naming its flag
         try:
-            self.budget_policy  # the core's own check of the triple (ratio, 0 <= min_tokens <= max_tokens)
+            self.budget_policy  # the core's check across options (0 <= min_tokens <= max_tokens)
         except ValueError as e:
-            raise ValueError(f"a2ats: {e} ({', '.join(map(self.where, ('budget', 'min_tokens', 'max_tokens')))})") from None
-        validate(self, "a2ats: ", self.where)
+            raise ValueError(f"a2ats: {e} ({', '.join(map(self.where, ('min_tokens', 'max_tokens')))})") from None
 
     @property
     def budget_policy(self) -> Budget:
-        return Budget(self.budget, self.min_tokens, self.max_tokens)
+        return Budget(self.budget, self.min_tokens, self.max_tokens, self.top_p)
 
     @staticmethod
     def flag(name: str) -> str:

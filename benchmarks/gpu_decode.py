@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from a2ats_sglang.config import A2ATSConfig
-from a2ats_sglang.core.retrieval import (SelectionPlan, distance_bounds, lookup_table, mask_to_positions,
-                                         positions_to_slots, rotated_queries, wrope_distances)
+from a2ats_sglang.core.retrieval import (SelectionPlan, WRoPERotation, distance_bounds, mask_to_positions,
+                                         positions_to_slots, wrope_distances)
 from a2ats_sglang.core.rope import RopeSpec
 from a2ats_sglang.kernels.dispatch import Impl, KernelChoice
 
@@ -68,12 +68,11 @@ def measure(batch: int, length: int, args, dev: str) -> dict:
     hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
     k_buf, v_buf, codes, slots, centroids, q, seq_lens = layer_case(batch, length, args, dev)
     rope = RopeSpec(1.0 / args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d), d).to(dev)
-    bounds = distance_bounds(wrope_distances(args.distances))
-    bounds = (bounds if bounds.numel() else torch.zeros(1)).to(dev)  # the Triton kernel reads one element
-    distances = torch.tensor(wrope_distances(args.distances), dtype=torch.float32, device=dev)
+    bounds = distance_bounds(wrope_distances(args.distances)).to(dev)
+    distances = wrope_distances(args.distances)
     budget = A2ATSConfig(budget=args.budget).budget_policy  # min/max tokens: the backend defaults
     scale = d ** -0.5
-    positions = seq_lens - 1
+    rotation = WRoPERotation.build(rope, seq_lens - 1, distances)  # once per batch, as served
     kernels = KernelChoice(Impl.TRITON, "benchmark")
     # once per batch, as served (DecodePlanner): the plan, the selection buffer with the fixed part, the buffers
     plan = SelectionPlan.build(seq_lens.cpu(), budget, args.sinks, args.window, dev)
@@ -82,14 +81,12 @@ def measure(batch: int, length: int, args, dev: str) -> dict:
     selection = torch.full((batch, hkv, width + min((hq // hkv) * plan.kmax, length)), -1, dtype=torch.int64,
                            device=dev)
     selection[..., :width] = fixed
-    buffers = kernels.buffers(batch, hq, hkv, d, selection.shape[-1], dev, length, plan.kmax,
-                              (distances.numel(), args.codes))
+    buffers = kernels.buffers(batch, hq, hkv, d, d, selection.shape[-1], dev, (len(distances), args.codes))
     every = slots.unsqueeze(1).expand(batch, hkv, length).contiguous()
-    dense_buffers = kernels.buffers(batch, hq, hkv, d, length, dev)
+    dense_buffers = kernels.buffers(batch, hq, hkv, d, d, length, dev)
 
-    def select():  # what Retriever.retrieve runs per layer
-        lookup_table(rotated_queries(q, positions, rope, distances), centroids, scale, out=buffers.lut)
-        kernels.retrieve(buffers.lut, codes, slots, plan, bounds, selection[..., width:], buffers)
+    def select():  # what Retriever.retrieve runs per layer: four launches
+        kernels.retrieve(q, rotation, centroids, scale, codes, slots, plan, bounds, selection[..., width:], buffers)
 
     def attend():
         kernels.attend(q, k_buf, v_buf, selection, scale, 0.0, buffers)

@@ -80,7 +80,7 @@ def kernel_bandwidth(impl: Impl, shape: ModelShape, batch: int, selected: int, c
                        for b in range(batch)])
     read = batch * hkv * selected * 2 * d * k.element_size()
     kernels = KernelChoice(impl, "benchmark")
-    buffers = kernels.buffers(batch, shape.num_q_heads, hkv, d, selected, "cpu")
+    buffers = kernels.buffers(batch, shape.num_q_heads, hkv, d, d, selected, "cpu")
     return read / best_time(lambda: kernels.attend(q, k, v, idx, d ** -0.5, 0.0, buffers)) / 1e9
 
 

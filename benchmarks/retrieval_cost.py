@@ -1,17 +1,21 @@
-"""One decode layer's retrieval on CPU: the histogram selection against the earlier
-per-head top-K kernel, in the same run, on the same data, with the layer's other parts
-(WRoPE queries + lookup table, sparse attention) and the selection's byte floor.
+"""One sparse decode layer on CPU, the path issue #12 started from against the fused
+call, in the same run, on the same data, with each part's byte floor.
+
+Old: WRoPE queries and the lookup table in torch, the per-head top-K kernel, the
+attention kernel (three calls and a dozen torch ops). New: one native call
+(``decode_layer``: rotation, LUT, histogram selection, attention); its retrieval alone
+(``retrieve_layer``) is timed too, against the old retrieval (torch LUT + top-K kernel).
 
     python benchmarks/retrieval_cost.py [--model-path DIR] [--rounds 5] [--out DIR]
 
 Shapes: the default model's attention (from its config.json) and a Llama-3.1-8B layer
 (32 query / 8 KV heads, head dim 128, 4096 codes); 8 WRoPE distances; the backend's
 default budget, sinks and window; each request's slots a contiguous run of the pool (as
-SGLang allocates a prefill). Both kernels write the same slots (checked). Baseline and
-candidate alternate ``--rounds`` times (best of 3 calls each); the table gives the
-median and the range over rounds. Floor: the bytes selection must read (per KV head,
-each token's 2-byte code and 8-byte slot id; per query head its LUT row) at the
-machine's measured copy bandwidth.
+SGLang allocates a prefill). Both paths select the same slots (checked). Old and new
+alternate ``--rounds`` times (best of 3 calls each); the table gives the median and the
+range over rounds. Floors, at the machine's measured copy bandwidth: retrieval must read
+per KV head each token's 2-byte code and 8-byte slot id, per query head its LUT row;
+attention the K and V rows it attends (bf16).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from offload_memory import best_time, copy_bandwidth, write_results
 
 from a2ats_sglang.config import A2ATSConfig
 from a2ats_sglang.core.codebook import ModelShape
-from a2ats_sglang.core.retrieval import SelectionPlan, distance_bounds, lookup_table, rotated_queries, wrope_distances
+from a2ats_sglang.core.retrieval import SelectionPlan, WRoPERotation, distance_bounds, lookup_table, wrope_distances
 from a2ats_sglang.core.rope import RopeSpec
 from a2ats_sglang.kernels import cpu
 from a2ats_sglang.kernels.dispatch import Impl, KernelChoice
@@ -65,44 +69,69 @@ def measure(shape: LayerShape, batch: int, length: int, rounds: int, copy_gb_s: 
     bounds = distance_bounds(dist)
     rope = RopeSpec(1.0 / 500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), d)
     centroids = torch.randn(hkv, c, d)
-    q = torch.randn(batch, hq, d)
-    plan = SelectionPlan.build(seq_lens, cfg.budget_policy, cfg.sinks, cfg.window)
-    width = min((hq // hkv) * plan.kmax, length)
-    lut = torch.empty(batch, hq, len(dist), c)
-    distances = torch.tensor(dist, dtype=torch.float32)
-
-    def lut_step():
-        lookup_table(rotated_queries(q, seq_lens - 1, rope, distances), centroids, d ** -0.5, out=lut)
-
-    lut_step()
-    ext = cpu.extension()
-    out_old = torch.empty(batch, hkv, width, dtype=torch.int64)
-    out_new = torch.empty_like(out_old)
-    args = (lut, codes, slots, plan.seq_lens, plan.k, bounds, cfg.sinks, cfg.window)
-    old = lambda: ext.retrieve_topk(*args, out_old)  # noqa: E731
-    new = lambda: ext.retrieve(*args, out_new)  # noqa: E731
-    old(), new()
-    assert torch.equal(out_old, out_new), "the two kernels disagree"
-    t_old, t_new = [], []
-    for _ in range(rounds):  # alternate: drift on the VM hits both
-        t_old.append(best_time(old, 3))
-        t_new.append(best_time(new, 3))
-    # the rest of the layer, for scale: WRoPE + LUT, and attention over the selection (bf16 K/V)
-    t_lut = best_time(lut_step, 3)
-    kv = KernelChoice(Impl.CPP, "benchmark")
+    q = torch.randn(batch, hq, d).bfloat16()
     k_buf = torch.randn(n, hkv, d, dtype=torch.bfloat16)
     v_buf = torch.randn(n, hkv, d, dtype=torch.bfloat16)
+    plan = SelectionPlan.build(seq_lens, cfg.budget_policy, cfg.sinks, cfg.window)
+    rotation = WRoPERotation.build(rope, seq_lens - 1, dist)
+    scale = d ** -0.5
     fixed = torch.cat([torch.arange(cfg.sinks), torch.arange(length - cfg.window, length)])
-    selection = torch.cat([(fixed + slots[:, :1]).unsqueeze(1).expand(-1, hkv, -1), out_new], -1).contiguous()
-    buffers = kv.buffers(batch, hq, hkv, d, selection.shape[-1], "cpu")
-    t_attn = best_time(lambda: kv.attend(q, k_buf, v_buf, selection, d ** -0.5, 0.0, buffers), 3)
-    floor_bytes = batch * hkv * (length * (2 + 8)) + batch * hq * len(dist) * c * 4
-    med_old, med_new = statistics.median(t_old), statistics.median(t_new)
-    return {"shape": shape.name, "heads": f"{hq}/{hkv}", "head_dim": d, "codes": c, "batch": batch, "length": length,
-            "topk_ms": 1e3 * med_old, "topk_range": [1e3 * min(t_old), 1e3 * max(t_old)],
-            "hist_ms": 1e3 * med_new, "hist_range": [1e3 * min(t_new), 1e3 * max(t_new)],
-            "speedup": med_old / med_new, "lut_ms": 1e3 * t_lut, "attn_ms": 1e3 * t_attn,
-            "floor_ms": 1e3 * floor_bytes / (copy_gb_s * 1e9), "retrieved_per_kv_head": int((out_new >= 0).sum(-1).max())}
+    width = len(fixed) + min((hq // hkv) * plan.kmax, length)
+
+    def selection_buffer():
+        sel = torch.full((batch, hkv, width), -1, dtype=torch.int64)
+        sel[..., : len(fixed)] = (fixed + slots[:, :1]).unsqueeze(1)
+        return sel
+
+    ext = cpu.extension()
+    old_sel, new_sel = selection_buffer(), selection_buffer()
+    kernels = KernelChoice(Impl.CPP, "benchmark")
+    old_buf = kernels.buffers(batch, hq, hkv, d, d, width, "cpu", (len(dist), c))
+    new_buf = kernels.buffers(batch, hq, hkv, d, d, width, "cpu", (len(dist), c))
+    f = len(fixed)
+
+    def old_retrieve():  # as the backend ran it when the issue was filed
+        lookup_table(rotation.apply(q), centroids, scale, out=old_buf.lut)
+        ext.retrieve_topk(old_buf.lut, codes, slots, plan.seq_lens, plan.k, bounds, cfg.sinks, cfg.window,
+                          old_sel[..., f:])
+
+    def old_layer():
+        old_retrieve()
+        kernels.attend(q, k_buf, v_buf, old_sel, scale, 0.0, old_buf)
+
+    def new_retrieve():
+        cpu.retrieve_layer_cpu(q, rotation, centroids, scale, codes, slots, plan, bounds, new_buf.q32, new_buf.q_rot,
+                               new_buf.lut, new_sel[..., f:])
+
+    def new_layer():
+        cpu.decode_layer_cpu(q, rotation, centroids, scale, codes, slots, plan, bounds, new_buf.q32, new_buf.q_rot,
+                             new_buf.lut, new_sel, f, k_buf, v_buf, 0.0, new_buf.out, new_buf.lse)
+
+    old_layer(), new_layer()
+    torch.testing.assert_close(new_buf.lut, old_buf.lut, rtol=1e-4, atol=1e-4)
+    agree = float((new_sel == old_sel).float().mean())  # LUT rounding may flip a near-tie
+    assert agree > 0.99, f"the two paths select different slots ({agree:.3f} agree)"
+    times = {name: [] for name in ("old_retrieve", "new_retrieve", "old_layer", "new_layer")}
+    for _ in range(rounds):  # alternate: drift on the VM hits both
+        for name, fn in (("old_retrieve", old_retrieve), ("new_retrieve", new_retrieve), ("old_layer", old_layer),
+                         ("new_layer", new_layer)):
+            times[name].append(best_time(fn, 3))
+    attended = int((new_sel >= 0).sum())
+    retrieve_bytes = batch * hkv * (length * (2 + 8)) + batch * hq * len(dist) * c * 4
+    attend_bytes = attended * 2 * d * k_buf.element_size()
+    row = {"shape": shape.name, "heads": f"{hq}/{hkv}", "head_dim": d, "codes": c, "batch": batch, "length": length,
+           "attended_per_kv_head": attended / (batch * hkv),
+           "retrieve_floor_ms": 1e3 * retrieve_bytes / (copy_gb_s * 1e9),
+           "layer_floor_ms": 1e3 * (retrieve_bytes + attend_bytes) / (copy_gb_s * 1e9)}
+    for name, t in times.items():
+        row[f"{name}_ms"] = 1e3 * statistics.median(t)
+        row[f"{name}_range"] = [1e3 * min(t), 1e3 * max(t)]
+    return row
+
+
+def cell(row: dict, name: str) -> str:
+    lo, hi = row[f"{name}_range"]
+    return f"{row[name + '_ms']:.2f} ({lo:.2f}–{hi:.2f})"
 
 
 def main(argv=None):
@@ -121,19 +150,21 @@ def main(argv=None):
             b, length = (int(x) for x in case.split("x"))
             rows.append(measure(shape, b, length, args.rounds, copy))
             r = rows[-1]
-            print(f"{r['shape']} {b}x{length}: top-K {r['topk_ms']:.2f} ms, histogram {r['hist_ms']:.2f} ms "
-                  f"({r['speedup']:.2f}x), floor {r['floor_ms']:.2f} ms", flush=True)
+            print(f"{r['shape']} {b}x{length}: retrieval {r['old_retrieve_ms']:.2f} -> {r['new_retrieve_ms']:.2f} ms, "
+                  f"layer {r['old_layer_ms']:.2f} -> {r['new_layer_ms']:.2f} ms", flush=True)
     lines = [f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, copy bandwidth {copy:.1f} GB/s; "
              f"{date.today()}; one decode layer; {args.rounds} alternating rounds, median (range) of the best of 3 "
              f"calls per round.", "",
-             "| shape | heads | codes | batch × context | top-K kernel ms | histogram kernel ms | speedup | "
-             "histogram / floor | WRoPE + LUT ms | attention ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | heads | codes | batch × context | retrieval old ms | retrieval fused ms | old / fused | "
+             "fused / floor | layer old ms | layer fused ms | old / fused | fused / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['heads']} | {r['codes']} | {r['batch']} × {r['length']} | "
-                     f"{r['topk_ms']:.2f} ({r['topk_range'][0]:.2f}–{r['topk_range'][1]:.2f}) | "
-                     f"{r['hist_ms']:.2f} ({r['hist_range'][0]:.2f}–{r['hist_range'][1]:.2f}) | "
-                     f"**{r['speedup']:.2f}x** | {r['hist_ms'] / r['floor_ms']:.1f}x | {r['lut_ms']:.2f} | "
-                     f"{r['attn_ms']:.2f} |")
+                     f"{cell(r, 'old_retrieve')} | {cell(r, 'new_retrieve')} | "
+                     f"**{r['old_retrieve_ms'] / r['new_retrieve_ms']:.2f}x** | "
+                     f"{r['new_retrieve_ms'] / r['retrieve_floor_ms']:.1f}x | {cell(r, 'old_layer')} | "
+                     f"{cell(r, 'new_layer')} | **{r['old_layer_ms'] / r['new_layer_ms']:.2f}x** | "
+                     f"{r['new_layer_ms'] / r['layer_floor_ms']:.1f}x |")
     write_results(args.out, "retrieval_cost", "\n".join(lines), {"copy_gb_s": copy, "rows": rows})
 
 

@@ -95,7 +95,7 @@ def evaluate_layer(q_pre, k_pre, v, rope, scale, methods, sinks, window, budgets
         s = mask_scores(fn(ctx), seq_lens, sinks, window)
         out[name] = {}
         for b in budgets:
-            sel = retrieval.select(s, seq_lens, retrieval.Budget(b, 1, 1 << 30), sinks, window, hkv)
+            sel = retrieval.select(s, seq_lens, retrieval.Budget(b, 1, 1 << 30, 0.0), sinks, window, hkv)
             m = torch.zeros(len(positions), hkv, t + 1, dtype=torch.bool)  # column t takes the -1 padding
             m.scatter_(2, torch.where(sel >= 0, sel, t), True)
             m = m[..., :t].repeat_interleave(g, 1)

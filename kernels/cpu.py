@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-SOURCES = ("cpu_bindings.cpp", "cpu_sparse_attention.cpp", "cpu_select.cpp")
+SOURCES = ("cpu_bindings.cpp", "cpu_sparse_attention.cpp", "cpu_select.cpp", "cpu_decode.cpp")
 
 
 @lru_cache(maxsize=1)
@@ -17,7 +17,8 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        ext = load(name="a2ats_cpu_kernels", sources=[str(Path(__file__).with_name(f)) for f in SOURCES],
+        here = Path(__file__).parent
+        ext = load(name="a2ats_cpu_kernels", sources=[str(here / f) for f in SOURCES], extra_include_paths=[str(here)],
                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         return ext, None
     except Exception as e:  # no compiler / headers
@@ -52,5 +53,31 @@ def retrieve_cpu(lut, codes_buf, slots, plan, bounds, out) -> None:
     [B, Hq, NB, C] contiguous, codes_buf int16 [N, Hkv], slots int64 [B, L] contiguous, the
     batch's :class:`~a2ats_sglang.core.retrieval.SelectionPlan` and the WRoPE bucket
     bounds f32 [NB-1]."""
-    extension().retrieve(lut, codes_buf, slots, plan.seq_lens, plan.k, bounds, plan.sinks, plan.window, out)
+    extension().retrieve(lut, codes_buf, slots, plan.seq_lens, plan.k, plan.top_p, plan.min_tokens, bounds,
+                         plan.sinks, plan.window, out)
 
+
+def _layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot, lut):
+    return (q, rotation.cos, rotation.sin, rotation.rope.neox, centroids, float(scale), codes_buf, slots, plan.seq_lens,
+            plan.k, plan.top_p, plan.min_tokens, bounds, plan.sinks, plan.window, q32, q_rot, lut)
+
+
+def retrieve_layer_cpu(q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, q32, q_rot, lut,
+                       out) -> None:
+    """:func:`retrieve_cpu` with the WRoPE rotation and the lookup table in the same native
+    call: q [B, Hq, D] post-RoPE (f32/bf16/f16); rotation: the batch's
+    :class:`~a2ats_sglang.core.retrieval.WRoPERotation`; centroids f32 [Hkv, C, D];
+    workspaces q32 f32 [B, Hq, D], q_rot f32 [B, Hq, NB, D], lut f32 [B, Hq, NB, C] (the
+    layer's lookup table afterwards)."""
+    extension().retrieve_layer(*_layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot,
+                                            lut), out)
+
+
+def decode_layer_cpu(q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, q32, q_rot, lut,
+                     selection, fixed_width: int, k_buf, v_buf, logit_cap: float, out, lse) -> None:
+    """A whole sparse decode layer in one native call: :func:`retrieve_layer_cpu` into
+    ``selection[..., fixed_width:]`` (selection int64 [B, Hkv, F + R] contiguous, the
+    batch's slots attended in every layer in front), then :func:`sparse_attention_cpu`
+    over the whole selection into out f32 [B, Hq, Dv] and lse f32 [B, Hq]."""
+    extension().decode_layer(*_layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot,
+                                          lut), selection, fixed_width, k_buf, v_buf, float(logit_cap), out, lse)

@@ -16,13 +16,15 @@
 // key of the float32 score; requests whose budget covers them retrieve nothing (their
 // fixed part is the whole sequence). Output: the retrieved physical slots in ascending
 // position order, -1 padded.
-#include <torch/extension.h>
+#include "cpu_kernels.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -30,9 +32,10 @@ namespace {
 
 // The inputs of one layer's retrieval, checked once. lut f32 [B, Hq, NB, C] contiguous; codes int16
 // [N, Hkv]; slots i64 [B, L] physical slot of each position, contiguous; seq_lens i64 [B]; k i64 [B]
-// per-head top-K; bounds f32 [NB-1] distance bucket bounds; out i64 [B, Hkv, R] (last dim contiguous,
-// any row stride, e.g. a column range of the batch's selection buffer; R: a host-known capacity >= the
-// largest union, e.g. G * max(k)).
+// per-head top-K (top_p > 0: the most tokens a head takes); top_p: the adaptive budget's mass (0: fixed
+// budget), min_tokens its least count; bounds f32 [NB-1] distance bucket bounds; out i64 [B, Hkv, R] (last
+// dim contiguous, any row stride, e.g. a column range of the batch's selection buffer; R: a host-known
+// capacity >= the largest union, e.g. G * max(k)).
 struct Selection {
   torch::Tensor lens_t, k_t, bounds_t;  // contiguous copies kept alive
   const float* lut;
@@ -42,10 +45,12 @@ struct Selection {
   const int64_t* lens;
   const int64_t* k;
   int64_t* out;
-  int64_t B, Hq, NB, C, Hkv, G, L, R, code_row, code_head, out_b, out_h, sinks, window;
+  int64_t B, Hq, NB, C, Hkv, G, L, R, code_row, code_head, out_b, out_h, sinks, window, min_tokens;
+  double top_p;
 
   Selection(torch::Tensor lut_, torch::Tensor codes_, torch::Tensor slots_, torch::Tensor seq_lens,
-            torch::Tensor k_, torch::Tensor bounds_, int64_t sinks_, int64_t window_, torch::Tensor out_) {
+            torch::Tensor k_, double top_p_, int64_t min_tokens_, torch::Tensor bounds_, int64_t sinks_,
+            int64_t window_, torch::Tensor out_) {
     TORCH_CHECK(lut_.dim() == 4 && lut_.scalar_type() == torch::kFloat, "lut must be f32 [B, Hq, NB, C]");
     TORCH_CHECK(codes_.dim() == 2 && codes_.scalar_type() == torch::kShort, "codes must be int16 [N, Hkv]");
     TORCH_CHECK(slots_.dim() == 2 && slots_.scalar_type() == torch::kLong, "slots must be i64 [B, L]");
@@ -63,7 +68,8 @@ struct Selection {
                 bounds_t.numel() == NB - 1 && out_.size(0) == B && out_.size(1) == Hkv, "shape mismatch");
     G = Hq / Hkv;
     code_row = codes_.stride(0), code_head = codes_.stride(1), out_b = out_.stride(0), out_h = out_.stride(1);
-    sinks = sinks_, window = window_;
+    sinks = sinks_, window = window_, top_p = top_p_, min_tokens = min_tokens_;
+    TORCH_CHECK(top_p >= 0.0 && top_p <= 1.0 && min_tokens >= 0, "top_p must be in [0, 1], min_tokens >= 0");
     lut = lut_.data_ptr<float>(), codes = codes_.data_ptr<int16_t>(), slots = slots_.data_ptr<int64_t>();
     bounds = bounds_t.data_ptr<float>(), lens = lens_t.data_ptr<int64_t>(), k = k_t.data_ptr<int64_t>();
     out = out_.data_ptr<int64_t>();
@@ -81,18 +87,21 @@ struct Selection {
     }
   }
 
-  // Runs select(b, h, n, lo, m, want, emit) for every (request, KV head) with tokens to retrieve;
-  // emit(i) must be called in ascending i for each retrieved position lo + i. Fills the rest with -1.
+  // Runs select(b, h, n, lo, m, top, emit) for every (request, KV head) with tokens to retrieve (top: the
+  // most any head takes, <= m); emit(i) must be called in ascending i for each retrieved position lo + i.
+  // Fills the rest with -1. A request is covered (nothing to retrieve) when its least count + sinks +
+  // window reach its length.
   template <typename Select>
   void run(Select select) const {
     std::atomic<int64_t> overflow{0};
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hkv, h = bh % Hkv, n = std::min(lens[b], L), top = k[b];
+        const int64_t least = top_p > 0.0 ? std::min(min_tokens, top) : top;
         const int64_t lo = sinks, hi = n - window;
         int64_t* row = out + b * out_b + h * out_h;
         int64_t written = 0;
-        if (top + sinks + window < n && hi > lo && top > 0) {  // else covered by the fixed part, or nothing to score
+        if (least + sinks + window < lens[b] && hi > lo && top > 0) {  // else covered by the fixed part, or nothing to score
           select(b, h, n, lo, hi - lo, std::min(top, hi - lo), [&](int64_t i) {
             if (written < R) row[written] = slots[b * L + lo + i];
             ++written;
@@ -120,15 +129,34 @@ inline uint32_t ordered(float x) {  // float32 -> uint32 with the same order
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// The want-th largest key over cells weighted by count (keys[c] for the cells in `cells`),
-// by four 8-bit radix passes. Returns the threshold key and how many tokens rank above it.
-std::pair<uint32_t, int64_t> radix_threshold(const uint32_t* keys, const int32_t* count, std::vector<int32_t>& cells,
-                                             std::vector<int32_t>& next, int64_t want) {
+// One thread's working memory for retrieve_hist_cpu, kept between calls: per cell (NC = NB * C) the token
+// count, its key under the current head, the heads taking it whole / at their threshold (bitmasks) and a
+// head's mass; per token its cell; the cell lists of the threshold search.
+struct HistScratch {
+  std::vector<int32_t> cell, count, nonempty, cand, next;
+  std::vector<uint32_t> keys;
+  std::vector<uint64_t> whole, tie;
+  std::vector<double> mass;
+
+  void reserve(int64_t cells, int64_t tokens) {
+    if (static_cast<int64_t>(count.size()) < cells)
+      count.assign(cells, 0), keys.resize(cells), whole.assign(cells, 0), tie.assign(cells, 0), mass.resize(cells);
+    if (static_cast<int64_t>(cell.size()) < tokens) cell.resize(tokens);
+  }
+};
+
+// The threshold of the cells in `cells` by their keys, largest first, weighted by weight[c] (token counts,
+// or a head's estimated softmax mass): the key t with (weight of keys > t) < want <= (weight of keys >= t),
+// by four 8-bit radix passes (O(cells)). Returns t and the weight above it; leaves the cells of key t in
+// `cells`.
+template <typename W, typename A>
+std::pair<uint32_t, A> radix_threshold(const uint32_t* keys, const W* weight, std::vector<int32_t>& cells,
+                                       std::vector<int32_t>& next, A want) {
   uint32_t prefix = 0;
-  int64_t above = 0;
+  A above = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t hist[256] = {0};
-    for (int32_t c : cells) hist[(keys[c] >> shift) & 0xFF] += count[c];
+    A hist[256] = {0};
+    for (int32_t c : cells) hist[(keys[c] >> shift) & 0xFF] += weight[c];
     int byte = 255;
     for (; byte > 0; --byte) {
       if (above + hist[byte] >= want) break;
@@ -143,11 +171,37 @@ std::pair<uint32_t, int64_t> radix_threshold(const uint32_t* keys, const int32_t
   return {prefix, above};
 }
 
+// Adaptive budget of one query head (row: its LUT, f32 [NB * C]): the fewest best tokens whose mass
+// count * exp(s - max) (float64) reaches top_p of the total, clamped to [least, most]; the same count as
+// the torch reference's token-level cumulative sum (a cell's tokens share one weight).
+int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, const int32_t* count, uint32_t* keys,
+                     std::vector<double>& mass, std::vector<int32_t>& cand, std::vector<int32_t>& next, double top_p,
+                     int64_t least, int64_t most) {
+  double mx = -std::numeric_limits<double>::infinity(), total = 0.0;
+  for (int32_t c : nonempty) mx = std::max(mx, static_cast<double>(row[c]));
+  for (int32_t c : nonempty) {
+    keys[c] = ordered(row[c]);
+    mass[c] = count[c] * std::exp(static_cast<double>(row[c]) - mx);
+    total += mass[c];
+  }
+  cand = nonempty;
+  const double target = top_p * total;
+  const auto [threshold, above_mass] = radix_threshold(keys, mass.data(), cand, next, target);
+  int64_t above = 0, at = 0;
+  for (int32_t c : nonempty) {
+    if (keys[c] > threshold) above += count[c];
+    else if (keys[c] == threshold) at += count[c];
+  }
+  const double w = std::exp(static_cast<double>(row[cand.front()]) - mx);
+  const int64_t need = std::clamp<int64_t>(static_cast<int64_t>(std::ceil((target - above_mass) / w)), 1, at);
+  return std::min(std::max(above + need, least), most);
+}
+
 }  // namespace
 
 void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
                        torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
-  const Selection sel(lut, codes, slots, seq_lens, k, bounds, sinks, window, out);
+  const Selection sel(lut, codes, slots, seq_lens, k, 0.0, 0, bounds, sinks, window, out);  // fixed budgets only
   sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, auto emit) {
     thread_local std::vector<int64_t> base, keys;  // base: LUT column of each scorable position
     thread_local std::vector<uint8_t> hit;
@@ -167,35 +221,42 @@ void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
 }
 
 void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
-                       torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
-  const Selection sel(lut, codes, slots, seq_lens, k, bounds, sinks, window, out);
+                       torch::Tensor k, double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks,
+                       int64_t window, torch::Tensor out) {
+  const Selection sel(lut, codes, slots, seq_lens, k, top_p, min_tokens, bounds, sinks, window, out);
   TORCH_CHECK(sel.G <= 64, "at most 64 query heads per KV head");
   const int64_t NC = sel.NB * sel.C;
-  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, auto emit) {
+  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t top, auto emit) {
     // per-cell state, zero between uses: only the cells a request touches are written and cleared,
-    // so a short context with many cells (e.g. 8 distances x 4096 codes) costs O(its tokens)
-    thread_local std::vector<int32_t> cell, count, nonempty, cand, next;
-    thread_local std::vector<uint32_t> keys;
-    thread_local std::vector<uint64_t> whole, tie;
-    if (static_cast<int64_t>(count.size()) < NC) count.assign(NC, 0), keys.resize(NC), whole.assign(NC, 0),
-                                                 tie.assign(NC, 0);
+    // so a short context with many cells (e.g. 8 distances x 4096 codes) costs O(its tokens). Fetched
+    // once per task: a thread_local named in the loops costs a TLS lookup per use in a shared library.
+    thread_local HistScratch scratch;
+    HistScratch& s = scratch;
+    s.reserve(NC, m);
+    int32_t* const cell = s.cell.data();
+    int32_t* const count = s.count.data();
+    uint64_t* const whole = s.whole.data();
+    uint64_t* const tie = s.tie.data();
+    uint32_t* const keys = s.keys.data();
     // 1. each scorable token's cell, and the tokens per cell
-    cell.resize(m);
-    nonempty.clear();
+    s.nonempty.clear();
     sel.cells<int32_t>(b, h, n, lo, lo + m, [&](int64_t i, int32_t c) {
       cell[i] = c;
-      if (count[c]++ == 0) nonempty.push_back(c);
+      if (count[c]++ == 0) s.nonempty.push_back(c);
     });
     // 2. each query head's threshold over the cells: whole cells above it, a tie group at it
     int64_t need[64];
     for (int64_t g = 0; g < sel.G; ++g) {
       const float* row = sel.lut + (b * sel.Hq + h * sel.G + g) * NC;
-      for (int32_t c : nonempty) keys[c] = ordered(row[c]);
-      cand = nonempty;
-      const auto [threshold, above] = radix_threshold(keys.data(), count.data(), cand, next, want);
+      const int64_t want = sel.top_p > 0.0 ? top_p_tokens(row, s.nonempty, count, keys, s.mass, s.cand, s.next,
+                                                          sel.top_p, std::min(sel.min_tokens, top), top)
+                                            : top;
+      for (int32_t c : s.nonempty) keys[c] = ordered(row[c]);
+      s.cand = s.nonempty;
+      const auto [threshold, above] = radix_threshold(keys, count, s.cand, s.next, want);
       need[g] = want - above;
       const uint64_t bit = uint64_t{1} << g;
-      for (int32_t c : nonempty) {
+      for (int32_t c : s.nonempty) {
         if (keys[c] > threshold) whole[c] |= bit;
         else if (keys[c] == threshold) tie[c] |= bit;
       }
@@ -213,6 +274,6 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
       }
       if (take) emit(i);
     }
-    for (int32_t c : nonempty) count[c] = 0, whole[c] = 0, tie[c] = 0;
+    for (int32_t c : s.nonempty) count[c] = 0, whole[c] = 0, tie[c] = 0;
   });
 }

@@ -9,7 +9,7 @@
 // pool, so the next block's K and V rows (every cache line of them) are prefetched
 // while the current one is computed. Partial results of the chunks merge by
 // log-sum-exp. Parallel with ATen's thread pool.
-#include <torch/extension.h>
+#include "cpu_kernels.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -30,12 +30,16 @@ class DecodeBuffers:
     """A decode batch's buffers for one kernel choice, shared by its layers.
 
     out f32 [B, Hq, Dv] and lse f32 [B, Hq]: the attention result of a layer (read before
-    the next layer runs); lut f32 [B, Hq, NB, C]: the layer's lookup table; ``retrieve`` /
-    ``attend``: the Triton kernels' workspaces (None for the other implementations)."""
+    the next layer runs); lut f32 [B, Hq, NB, C]: the layer's lookup table (None without
+    retrieval); q32 f32 [B, Hq, D] and q_rot f32 [B, Hq, NB, D]: the C++ kernels' query
+    workspaces; ``retrieve`` / ``attend``: the Triton kernels' workspaces (None for the
+    other implementations)."""
 
     out: torch.Tensor
     lse: torch.Tensor
     lut: torch.Tensor | None
+    q32: torch.Tensor | None = None
+    q_rot: torch.Tensor | None = None
     retrieve: object | None = None
     attend: object | None = None
 
@@ -67,39 +71,49 @@ class KernelChoice:
             cpu.extension()  # raises with the build error
         return cls(impl, "asked for with --a2ats-kernel")
 
-    def buffers(self, b: int, hq: int, hkv: int, dv: int, width: int, device, length: int = 0, kmax: int = 0,
+    def buffers(self, b: int, hq: int, hkv: int, d: int, dv: int, width: int, device,
                 lut_shape: tuple[int, int] | None = None) -> DecodeBuffers:
-        """Buffers for a batch of ``b`` requests attending ``width`` slots per KV head;
-        with ``lut_shape`` = (NB, C), also those of retrieval over ``length`` positions with
-        per-head top-``kmax``."""
-        lut = None if lut_shape is None else torch.empty(b, hq, *lut_shape, dtype=torch.float32, device=device)
-        if self.impl is not Impl.TRITON:
-            return DecodeBuffers(torch.empty(b, hq, dv, dtype=torch.float32, device=device),
-                                 torch.empty(b, hq, dtype=torch.float32, device=device), lut)
-        from a2ats_sglang.kernels.score import RetrieveBuffers
-        from a2ats_sglang.kernels.sparse_decode import AttendBuffers
-
-        attend = AttendBuffers.allocate(b, hq, hkv, dv, width, device)
-        ret = None if lut is None else RetrieveBuffers.allocate(b, hq, hkv, length, kmax, device)
-        return DecodeBuffers(attend.out, attend.lse, lut, ret, attend)
-
-    def retrieve(self, lut, codes_buf, slots, plan, bounds, out, buffers: DecodeBuffers) -> None:
-        """One layer's retrieved physical slots into ``out`` int64 [B, Hkv, R] (ascending
-        position, -1 padded; R >= the largest GQA union) from lut f32 [B, Hq, NB, C],
-        codes_buf int16 [N, Hkv], slots int64 [B, L] (physical slot of each position), the
-        batch's :class:`~a2ats_sglang.core.retrieval.SelectionPlan` and bounds f32 [max(1, NB-1)]."""
+        """Buffers for a batch of ``b`` requests (head dims ``d`` / ``dv``) attending ``width``
+        slots per KV head; with ``lut_shape`` = (NB, C), WRoPE distances x codes, also those of
+        retrieval."""
+        f32 = dict(dtype=torch.float32, device=device)
         if self.impl is Impl.TRITON:
-            from a2ats_sglang.kernels.score import retrieve_triton
+            from a2ats_sglang.kernels.retrieve import RetrieveBuffers
+            from a2ats_sglang.kernels.sparse_decode import AttendBuffers
 
-            retrieve_triton(lut, codes_buf, slots, plan, bounds, out, buffers.retrieve)
+            attend = AttendBuffers.allocate(b, hq, hkv, dv, width, device)
+            ret = None if lut_shape is None else RetrieveBuffers.allocate(b, hq, hkv, *lut_shape, device)
+            return DecodeBuffers(attend.out, attend.lse, None if ret is None else ret.lut, retrieve=ret, attend=attend)
+        out, lse = torch.empty(b, hq, dv, **f32), torch.empty(b, hq, **f32)
+        lut = None if lut_shape is None else torch.empty(b, hq, *lut_shape, **f32)
+        if self.impl is Impl.CPP:
+            q_rot = None if lut_shape is None else torch.empty(b, hq, lut_shape[0], d, **f32)
+            return DecodeBuffers(out, lse, lut, torch.empty(b, hq, d, **f32), q_rot)
+        return DecodeBuffers(out, lse, lut)
+
+    def retrieve(self, q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, out,
+                 buffers: DecodeBuffers) -> None:
+        """One layer's retrieved physical slots into ``out`` int64 [B, Hkv, R] (ascending
+        position, -1 padded; R >= the largest GQA union) and its lookup table into
+        ``buffers.lut``. q [B, Hq, D] post-RoPE decode queries; rotation: the batch's
+        :class:`~a2ats_sglang.core.retrieval.WRoPERotation`; centroids f32 [Hkv, C, D];
+        ``scale``: the softmax scale; codes_buf int16 [N, Hkv]; slots int64 [B, L] (physical
+        slot of each position); plan: the batch's
+        :class:`~a2ats_sglang.core.retrieval.SelectionPlan`; bounds f32 [NB-1]."""
+        if self.impl is Impl.TRITON:
+            from a2ats_sglang.kernels.retrieve import retrieve_triton
+
+            retrieve_triton(q, rotation.cos, rotation.sin, rotation.rope.neox, centroids, scale, codes_buf, slots, plan,
+                            bounds, out, buffers.retrieve)
         elif self.impl is Impl.CPP:
-            from a2ats_sglang.kernels.cpu import retrieve_cpu
+            from a2ats_sglang.kernels.cpu import retrieve_layer_cpu
 
-            retrieve_cpu(lut, codes_buf, slots, plan, bounds[: lut.shape[2] - 1], out)
+            retrieve_layer_cpu(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, buffers.q32,
+                               buffers.q_rot, buffers.lut, out)
         else:
+            retrieval.lookup_table(rotation.apply(q), centroids, scale, out=buffers.lut)
             codes = codes_buf[slots].permute(0, 2, 1)  # [B, Hkv, L]
-            scores = retrieval.approx_scores(lut, codes, plan.seq_lens, bounds[: lut.shape[2] - 1], plan.sinks,
-                                             plan.window)
+            scores = retrieval.approx_scores(buffers.lut, codes, plan.seq_lens, bounds, plan.sinks, plan.window)
             picked = retrieval.positions_to_slots(
                 retrieval.mask_to_positions(plan.retrieved(scores, codes.shape[1])), slots)
             out.fill_(-1)
@@ -116,9 +130,24 @@ class KernelChoice:
         elif self.impl is Impl.CPP:
             from a2ats_sglang.kernels.cpu import sparse_attention_cpu
 
-            sparse_attention_cpu(q.float().contiguous(), k_buf, v_buf, slots.contiguous(), scale, logit_cap,
-                                 buffers.out, buffers.lse)
+            q32 = q if q.dtype == torch.float32 and q.is_contiguous() else buffers.q32.copy_(q)
+            sparse_attention_cpu(q32, k_buf, v_buf, slots.contiguous(), scale, logit_cap, buffers.out, buffers.lse)
         else:
             out, lse = attention.sparse_attention(q.float(), k_buf, v_buf, slots, scale, logit_cap)
             buffers.out.copy_(out)
             buffers.lse.copy_(lse)
+
+    def decode(self, q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, selection,
+               fixed_width: int, k_buf, v_buf, logit_cap: float, buffers: DecodeBuffers) -> None:
+        """A sparse decode layer: :meth:`retrieve` into ``selection[..., fixed_width:]``
+        (selection int64 [B, Hkv, F + R]: the slots attended in every layer in front), then
+        :meth:`attend` over the whole selection. One native call with the C++ kernels."""
+        if self.impl is Impl.CPP:
+            from a2ats_sglang.kernels.cpu import decode_layer_cpu
+
+            decode_layer_cpu(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, buffers.q32, buffers.q_rot,
+                             buffers.lut, selection, fixed_width, k_buf, v_buf, logit_cap, buffers.out, buffers.lse)
+            return
+        self.retrieve(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, selection[..., fixed_width:],
+                      buffers)
+        self.attend(q, k_buf, v_buf, selection, scale, logit_cap, buffers)

@@ -75,14 +75,14 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
         super().init_forward_metadata(forward_batch)
         self.decode_state = None  # built by the batch's first plain decode layer, shared by the others
 
-    def _decode_slots(self, req_to_token, req_pool_indices, seq_lens, hkv: int, hq: int, dv: int):
+    def _decode_slots(self, req_to_token, req_pool_indices, seq_lens, hkv: int, hq: int, d: int, dv: int):
         """int64 [B, Hkv, L] every slot of each sequence (-1 past its end), and the output buffers."""
         if self.decode_state is None or self.decode_state[0] != hkv:
             longest = int(seq_lens.max())
             rows = req_to_token[req_pool_indices, :longest].to(torch.int64)
             inside = torch.arange(longest, device=rows.device) < seq_lens.view(-1, 1)
             slots = torch.where(inside, rows, torch.full_like(rows, -1)).unsqueeze(1).expand(-1, hkv, -1).contiguous()
-            self.decode_state = (hkv, slots, self.kernels.buffers(slots.shape[0], hq, hkv, dv, longest, rows.device))
+            self.decode_state = (hkv, slots, self.kernels.buffers(slots.shape[0], hq, hkv, d, dv, longest, rows.device))
         return self.decode_state[1], self.decode_state[2]
 
     def _run_sdpa_forward_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
@@ -94,7 +94,7 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
                 query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, encoder_lens, scaling,
                 enable_gqa, causal, is_cross_attn, sliding_window_size)
         slots, buffers = self._decode_slots(req_to_token, req_pool_indices, seq_lens, k_cache.shape[1], query.shape[1],
-                                            v_cache.shape[-1])
+                                            query.shape[-1], v_cache.shape[-1])
         self.kernels.attend(query, k_cache, v_cache, slots, scaling, 0.0, buffers)
         output.copy_(buffers.out)
         return output

@@ -20,6 +20,7 @@ from a2ats_sglang.backend.dense import paged_extend_attention
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
 from a2ats_sglang.core.attention import merge_states
+from a2ats_sglang.core.retrieval import WRoPERotation
 from a2ats_sglang.kernels.dispatch import DecodeBuffers, KernelChoice
 from a2ats_sglang.offload.client import CPUAttentionWorker
 from a2ats_sglang.offload.host_pool import HostKVPool
@@ -33,12 +34,14 @@ logger = logging.getLogger(__name__)
 class OffloadDecodeMetadata:
     """A decode batch in offload mode. batch: the planner's :class:`DecodeBatch`;
     selection: per KV head the host part attended in every layer (what a request attends
-    exactly, less its resident window), then each layer's retrieved slots; window_rows
-    int64 [B, Hkv, S + W]: the resident rows attended on the device (-1 pad); new_rows int64
-    [B]: the decode token's row; buffers: the window attention's output and the LUT."""
+    exactly, less its resident window), then each layer's retrieved slots; rotation: the
+    queries' WRoPE rotation (None when nothing is retrieved); window_rows int64 [B, Hkv,
+    S + W]: the resident rows attended on the device (-1 pad); new_rows int64 [B]: the
+    decode token's row; buffers: the window attention's output and the LUT."""
 
     batch: DecodeBatch
     selection: SelectionBuffer
+    rotation: WRoPERotation | None
     window_rows: torch.Tensor
     new_rows: torch.Tensor
     buffers: DecodeBuffers
@@ -120,11 +123,12 @@ class Offload:
         selection = self.planner.selection_buffer(batch, on_host)
         req = forward_batch.req_pool_indices
         window = self.resident.decode_rows(req, batch.seq_lens).unsqueeze(1).expand(-1, self.planner.num_kv_heads, -1)
-        b, length = batch.slots.shape
         buffers = self.kernels.buffers(
-            b, self.q_heads, self.planner.num_kv_heads, self.pool.v_head_dim, window.shape[-1], batch.slots.device,
-            length, 0 if batch.plan is None else batch.plan.kmax, self.retriever.lut_shape)
-        return OffloadDecodeMetadata(batch, selection, window, self.resident.rows(req, batch.positions), buffers)
+            batch.slots.shape[0], self.q_heads, self.planner.num_kv_heads, self.pool.head_dim, self.pool.v_head_dim,
+            window.shape[-1], batch.slots.device, self.retriever.lut_shape)
+        rotation = None if batch.plan is None else self.retriever.rotation(batch.positions)
+        return OffloadDecodeMetadata(batch, selection, rotation, window, self.resident.rows(req, batch.positions),
+                                     buffers)
 
     def _extend_metadata(self, forward_batch) -> OffloadExtendMetadata:
         req, lens, ext = forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.extend_seq_lens
@@ -182,8 +186,8 @@ class Offload:
                                 v.view(-1, hkv, layer.v_head_dim))
         q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         if batch.plan is not None:
-            self.retriever.retrieve(lid, q3, batch.positions, scale, batch.slots, batch.plan,
-                                    meta.selection.retrieved, buffers)
+            self.retriever.retrieve(lid, q3, meta.rotation, scale, batch.slots, batch.plan, meta.selection.retrieved,
+                                    buffers)
         host = meta.selection.slots
         remote = host.shape[-1] > 0
         cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
@@ -209,7 +213,8 @@ class Offload:
                 logger.error("a2ats: CPU worker failed again (%s); attending this layer in the scheduler", e)
                 self._replace_worker()
         b, s = slots.shape[0], slots.shape[-1]
-        buffers = self.host_kernels.buffers(b, self.q_heads, slots.shape[1], self.pool.v_head_dim, s, "cpu")
+        buffers = self.host_kernels.buffers(b, self.q_heads, slots.shape[1], self.pool.head_dim, self.pool.v_head_dim, s,
+                                            "cpu")
         self.host_kernels.attend(q3.float().cpu(), self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid),
                                  slots.cpu(), scale, cap, buffers)
         return buffers.out, buffers.lse

@@ -12,17 +12,20 @@ from dataclasses import dataclass, field
 
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
+from a2ats_sglang.core.retrieval import WRoPERotation
 from a2ats_sglang.kernels.dispatch import DecodeBuffers
 
 
 @dataclass
 class OnDeviceDecodeMetadata:
-    """A sparse decode batch. batch: the planner's :class:`DecodeBatch`; selection: per KV
-    head sinks + window (everything, for a request its budget covers), then each layer's
-    retrieved slots; buffers: the kernels' LUT, output and workspaces; recorded: the
-    attended share has been counted for this batch."""
+    """A sparse decode batch. batch: the planner's :class:`DecodeBatch`; rotation: its
+    queries' WRoPE rotation; selection: per KV head sinks + window (everything, for a
+    request its budget covers), then each layer's retrieved slots; buffers: the kernels'
+    LUT, output and workspaces; recorded: the attended share has been counted for this
+    batch."""
 
     batch: DecodeBatch
+    rotation: WRoPERotation
     selection: SelectionBuffer
     buffers: DecodeBuffers
     recorded: bool = field(default=False)
@@ -32,10 +35,10 @@ class OnDevice:
     name = "on-device"
 
     def __init__(self, dense, pool, planner: DecodePlanner, retriever: Retriever, stats: AttendedShare,
-                 q_heads: int, v_head_dim: int):
+                 q_heads: int, head_dim: int, v_head_dim: int):
         self.dense, self.pool = dense, pool
         self.planner, self.retriever, self.stats = planner, retriever, stats
-        self.q_heads, self.v_head_dim = q_heads, v_head_dim
+        self.q_heads, self.head_dim, self.v_head_dim = q_heads, head_dim, v_head_dim
 
     def describe(self) -> str:
         return f"on-device, dense backend {type(self.dense).__name__}"
@@ -49,11 +52,10 @@ class OnDevice:
         if batch.plan is None:
             return None
         selection = self.planner.selection_buffer(batch, batch.plan.fixed_host)
-        b, length = batch.slots.shape
         buffers = self.retriever.kernels.buffers(
-            b, self.q_heads, self.planner.num_kv_heads, self.v_head_dim, selection.slots.shape[-1], batch.slots.device,
-            length, batch.plan.kmax, self.retriever.lut_shape)
-        return OnDeviceDecodeMetadata(batch, selection, buffers)
+            batch.slots.shape[0], self.q_heads, self.planner.num_kv_heads, self.head_dim, self.v_head_dim,
+            selection.slots.shape[-1], batch.slots.device, self.retriever.lut_shape)
+        return OnDeviceDecodeMetadata(batch, self.retriever.rotation(batch.positions), selection, buffers)
 
     def forward_extend(self, q, k, v, layer, forward_batch, meta, save_kv_cache=True, **kwargs):
         return self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
@@ -70,11 +72,10 @@ class OnDevice:
             self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         batch, buffers, lid = meta.batch, meta.buffers, layer.layer_id
         q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        self.retriever.retrieve(lid, q3, batch.positions, layer.scaling, batch.slots, batch.plan,
-                                meta.selection.retrieved, buffers)
         cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
-        self.retriever.kernels.attend(q3, self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid),
-                                      meta.selection.slots, layer.scaling, cap, buffers)
+        self.retriever.decode(lid, q3, meta.rotation, layer.scaling, batch.slots, batch.plan, meta.selection.slots,
+                              meta.selection.fixed_width, self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid),
+                              cap, buffers)
         if not meta.recorded:
             self.stats.record((meta.selection.slots >= 0).sum(), batch, layer.tp_k_head_num)
             meta.recorded = True

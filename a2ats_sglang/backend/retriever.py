@@ -3,9 +3,10 @@
 Keys are encoded when SGLang writes them (extend and decode): un-rotated to pre-RoPE,
 assigned their nearest centroid in the whitened space, stored per physical KV slot
 ([layers, slots, Hkv] int16), so radix-shared prefixes share their codes and a reused
-slot is simply re-encoded. At decode, the query is rotated to the WRoPE distances, the
-lookup table of query . centroid scores is built, and the chosen kernel selects each
-query head's top-K (GQA union) into the batch's selection buffer.
+slot is simply re-encoded. At decode, the chosen kernel rotates the query to the WRoPE
+distances (a rotation built once per batch), builds the lookup table of query . centroid
+scores and selects each query head's tokens (GQA union) into the batch's selection
+buffer, and (:meth:`Retriever.decode`) attends them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from a2ats_sglang.core.codebook import Codebooks, LayerCodebook
-from a2ats_sglang.core.retrieval import SelectionPlan, distance_bounds, lookup_table, rotated_queries
+from a2ats_sglang.core.retrieval import SelectionPlan, WRoPERotation, distance_bounds
 from a2ats_sglang.core.rope import RopeSpec
 from a2ats_sglang.kernels.dispatch import DecodeBuffers, KernelChoice
 
@@ -26,9 +27,7 @@ class Retriever:
         self.rope = rope.to(device)
         self.kernels = kernels
         self.distances = torch.tensor(books.distances, dtype=torch.float32, device=device)
-        bounds = distance_bounds(books.distances)
-        # the Triton kernel needs one element even with a single distance; the others read NB - 1
-        self.bounds = (bounds if bounds.numel() else torch.zeros(1)).to(device)
+        self.bounds = distance_bounds(books.distances).to(device)
         self.layers = {li: LayerCodebook.build(books.centroids[li, heads], books.whiten[li, heads], device)
                        for li in range(books.shape.num_layers)}
         self.kv_heads = heads.stop - heads.start
@@ -39,17 +38,29 @@ class Retriever:
         """(NB, C): WRoPE distances x codes."""
         return self.distances.numel(), next(iter(self.layers.values())).centroids.shape[1]
 
+    def rotation(self, positions: torch.Tensor) -> WRoPERotation:
+        """The WRoPE rotation of a decode batch's queries at ``positions`` int64 [B]."""
+        return WRoPERotation.build(self.rope, positions, self.distances)
+
     def encode(self, layer_id: int, k: torch.Tensor, positions: torch.Tensor, loc: torch.Tensor) -> None:
         """Store the codes of new keys k [T, Hkv * D] (post-RoPE at ``positions`` int64 [T])
         at physical slots ``loc`` int64 [T]."""
         k_pre = self.rope.unrotate(k.view(k.shape[0], self.kv_heads, -1), positions.view(-1, 1))
         self.codes[layer_id, loc] = self.layers[layer_id].encode(k_pre)
 
-    def retrieve(self, layer_id: int, q: torch.Tensor, positions: torch.Tensor, scale: float, slots: torch.Tensor,
+    def retrieve(self, layer_id: int, q: torch.Tensor, rotation: WRoPERotation, scale: float, slots: torch.Tensor,
                  plan: SelectionPlan, out: torch.Tensor, buffers: DecodeBuffers) -> None:
         """One layer's retrieved slots into ``out`` int64 [B, Hkv, R] (ascending position, -1
-        padded). q [B, Hq, D] post-RoPE at ``positions`` int64 [B]; slots int64 [B, L] physical
-        slot of each position; ``plan`` and ``buffers`` built once per batch."""
-        q_rot = rotated_queries(q, positions, self.rope, self.distances)
-        lookup_table(q_rot, self.layers[layer_id].centroids, scale, out=buffers.lut)
-        self.kernels.retrieve(buffers.lut, self.codes[layer_id], slots, plan, self.bounds, out, buffers)
+        padded). q [B, Hq, D] post-RoPE; ``rotation`` (:meth:`rotation`), slots int64 [B, L]
+        (physical slot of each position), ``plan`` and ``buffers``: built once per batch."""
+        self.kernels.retrieve(q, rotation, self.layers[layer_id].centroids, scale, self.codes[layer_id], slots, plan,
+                              self.bounds, out, buffers)
+
+    def decode(self, layer_id: int, q: torch.Tensor, rotation: WRoPERotation, scale: float, slots: torch.Tensor,
+               plan: SelectionPlan, selection: torch.Tensor, fixed_width: int, k_buf: torch.Tensor,
+               v_buf: torch.Tensor, logit_cap: float, buffers: DecodeBuffers) -> None:
+        """:meth:`retrieve` into ``selection[..., fixed_width:]`` (int64 [B, Hkv, F + R]), then
+        exact attention over the whole selection of k_buf [N, Hkv, D] / v_buf [N, Hkv, Dv] into
+        buffers.out f32 [B, Hq, Dv] / buffers.lse f32 [B, Hq]."""
+        self.kernels.decode(q, rotation, self.layers[layer_id].centroids, scale, self.codes[layer_id], slots, plan,
+                            self.bounds, selection, fixed_width, k_buf, v_buf, logit_cap, buffers)

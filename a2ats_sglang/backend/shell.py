@@ -52,7 +52,8 @@ class A2ATSAttnBackend(AttentionBackend):
             from a2ats_sglang.backend.on_device import OnDevice
 
             self.strategy = OnDevice(dense_backend or default_dense(model_runner), pool, planner, self.retriever,
-                                     self.stats, self.retriever.kv_heads * group, pool.get_value_buffer(0).shape[-1])
+                                     self.stats, self.retriever.kv_heads * group, pool.get_key_buffer(0).shape[-1],
+                                     pool.get_value_buffer(0).shape[-1])
         self.forward_metadata = None
         logger.info("a2ats: %s, %d codes, WRoPE distances %s, budget %.3g [%d, %d] + %d sinks + %d window; kernel %s "
                     "(%s); %s", path, books.num_codes, list(books.distances), cfg.budget, cfg.min_tokens,

@@ -17,26 +17,40 @@ from a2ats_sglang.core.rope import RopeSpec
 
 @dataclass(frozen=True)
 class Budget:
-    """How many tokens each query head retrieves: ``clamp(ratio * seq_len, min_tokens, max_tokens)``.
+    """How many tokens each query head retrieves (sinks and the window come on top).
 
-    Sinks and the window come on top. A request whose sinks + window + budget cover
-    the whole sequence attends everything (the result equals dense attention). The
-    defaults live in the options table: ``A2ATSConfig().budget_policy``."""
+    Fixed (``top_p == 0``): ``clamp(ceil(ratio * seq_len), min_tokens, max_tokens)``.
+    Adaptive (``0 < top_p <= 1``, the paper's future work): each query head takes the
+    fewest tokens, best first, whose estimated softmax mass (``exp(score - max)`` of the
+    approximate scores) reaches ``top_p`` of the mass of all retrievable tokens, clamped
+    to ``[min_tokens, max_tokens]``; ``ratio`` is not used. A request whose sinks + window
+    + least budget cover the whole sequence attends everything (equal to dense
+    attention). The defaults live in the options table: ``A2ATSConfig().budget_policy``."""
 
     ratio: float
     min_tokens: int
     max_tokens: int
+    top_p: float
 
     def __post_init__(self):
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"budget ratio must be in (0, 1], got {self.ratio}")
         if self.min_tokens < 0 or self.max_tokens < max(1, self.min_tokens):
             raise ValueError(f"need 0 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top-p must be in [0, 1] (0 = off), got {self.top_p}")
 
     def tokens(self, seq_lens: torch.Tensor) -> torch.Tensor:
-        """seq_lens: int [B] -> per-request top-K (int64 [B])."""
+        """seq_lens: int [B] -> the most tokens a query head may retrieve (int64 [B]): the
+        top-K of a fixed budget, the upper clamp of an adaptive one."""
+        if self.top_p:
+            return seq_lens.long().clamp(self.min_tokens, self.max_tokens)
         k = torch.ceil(seq_lens.double() * self.ratio).long()
         return k.clamp(self.min_tokens, self.max_tokens)
+
+    def least_tokens(self, seq_lens: torch.Tensor) -> torch.Tensor:
+        """seq_lens: int [B] -> the fewest tokens a query head retrieves (int64 [B])."""
+        return torch.full_like(seq_lens.long(), self.min_tokens) if self.top_p else self.tokens(seq_lens)
 
 
 PAPER_B = 2048
@@ -67,12 +81,26 @@ def bucket_of(dist: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(dist.float(), bounds.to(dist.device), right=True)
 
 
-def rotated_queries(q_post: torch.Tensor, positions: torch.Tensor, rope: RopeSpec, distances) -> torch.Tensor:
-    """WRoPE queries. q_post: [B, Hq, D] after RoPE at ``positions`` [B]; distances:
-    NB ints or a float32 tensor -> [B, Hq, NB, D] float32, each = RoPE(q_pre, distance)."""
-    dist = torch.as_tensor(distances, dtype=torch.float32, device=q_post.device)
-    nb = dist.numel()
-    return rope.rerotate(q_post.unsqueeze(2).expand(-1, -1, nb, -1), positions.view(-1, 1, 1).float(), dist)
+@dataclass(frozen=True)
+class WRoPERotation:
+    """A decode batch's WRoPE rotation, the same in every layer: cos and sin float32
+    [B, NB, rotary_dim // 2] of the rotation taking each request's query from its
+    position to each WRoPE distance; ``rope`` gives the pairing and the rotary dims."""
+
+    rope: RopeSpec
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def build(cls, rope: RopeSpec, positions: torch.Tensor, distances) -> "WRoPERotation":
+        """positions int [B] of the decode tokens; distances: NB ints or a float32 tensor."""
+        dist = torch.as_tensor(distances, dtype=torch.float32, device=positions.device)
+        return cls(rope, *rope.cos_sin(dist.view(1, -1) - positions.view(-1, 1).float()))
+
+    def apply(self, q_post: torch.Tensor) -> torch.Tensor:
+        """WRoPE queries: q_post [B, Hq, D] after RoPE at the batch's positions -> float32
+        [B, Hq, NB, D], each = RoPE(q_pre, distance) (one rotation by distance - position)."""
+        return self.rope.apply(q_post.unsqueeze(2), self.cos.unsqueeze(1), self.sin.unsqueeze(1))
 
 
 def lookup_table(q_rot: torch.Tensor, centroids: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,14 +145,18 @@ class SelectionPlan:
     """What a decode batch's selection needs that is the same in every layer, built once
     per batch from host-side lengths (no device sync). B requests, L = longest context.
 
-    seq_lens int64 [B]; k int64 [B] per-head top-K; kmax = max(k, capped at L);
-    fixed bool [B, L] sinks + window (the whole sequence for a request its budget
-    covers), only positions < seq_len, and fixed_host the same on the CPU; covered:
-    every request is covered (dense)."""
+    seq_lens int64 [B]; k int64 [B] the most tokens a query head retrieves (a fixed
+    budget's top-K); kmax = max(k, capped at L), the host-known bound of every per-head
+    count; top_p: the adaptive budget's mass (0: fixed budget), whose per-head counts are
+    clamped to [min_tokens, k]; fixed bool [B, L] sinks + window (the whole sequence for
+    a request its budget covers), only positions < seq_len, and fixed_host the same on
+    the CPU; covered: every request is covered (dense)."""
 
     seq_lens: torch.Tensor
     k: torch.Tensor
     kmax: int
+    top_p: float
+    min_tokens: int
     fixed: torch.Tensor
     fixed_host: torch.Tensor
     sinks: int
@@ -139,23 +171,41 @@ class SelectionPlan:
         if length is None:
             length = int(lens.max()) if lens.numel() else 0
         k = budget.tokens(lens)
-        dense = (k + sinks + window) >= lens
+        dense = (budget.least_tokens(lens) + sinks + window) >= lens
         pos = torch.arange(length)
         fixed = ((pos < sinks) | (pos >= lens.view(-1, 1) - window) | dense.view(-1, 1)) & (pos < lens.view(-1, 1))
         device = device if device is not None else seq_lens.device
         kmax = int(min(int(k.max()), length)) if lens.numel() else 0
-        return cls(lens.to(device), k.to(device), kmax, fixed.to(device), fixed, sinks, window, bool(dense.all()))
+        return cls(lens.to(device), k.to(device), kmax, budget.top_p, budget.min_tokens, fixed.to(device), fixed,
+                   sinks, window, bool(dense.all()))
+
+    def head_tokens(self, scores: torch.Tensor) -> torch.Tensor:
+        """How many tokens each query head retrieves, int64 [B, Hq] (at most its scorable
+        tokens). scores: [B, Hq, L] from :func:`approx_scores`.
+
+        Adaptive budget: the fewest best tokens whose mass ``exp(s - max)`` (float64)
+        reaches ``top_p`` of the total; the kernels compute the same count from the
+        lookup table's cells (tokens of one cell share a weight)."""
+        scorable = (scores > float("-inf")).sum(-1)
+        if not self.top_p:
+            want = self.k.view(-1, 1).expand_as(scorable)
+        else:
+            s = scores.double().sort(dim=-1, descending=True).values
+            w = (s - s[..., :1]).exp().nan_to_num(0.0)  # 0 past the scorable tokens (and for a row of none)
+            cum = w.cumsum(-1)
+            reach = (cum < self.top_p * cum[..., -1:]).sum(-1) + 1
+            want = torch.minimum(reach.clamp_min(self.min_tokens), self.k.view(-1, 1))
+        return torch.minimum(want, scorable)
 
     def retrieved(self, scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        """One layer's retrieved part, bool [B, Hkv, L], disjoint from ``fixed``: the top-K
-        of each query head (ties to the earlier position) unioned over the GQA group.
-        scores: [B, Hq, L] from :func:`approx_scores`."""
+        """One layer's retrieved part, bool [B, Hkv, L], disjoint from ``fixed``: the best
+        :meth:`head_tokens` of each query head (ties to the earlier position), unioned over
+        the GQA group. scores: [B, Hq, L] from :func:`approx_scores`."""
         b, hq, length = scores.shape
         hit = torch.zeros(b, hq, length, dtype=torch.bool, device=scores.device)
         if self.kmax > 0:
             idx = scores_with_position_tiebreak(scores).topk(self.kmax, dim=-1).indices  # [B, Hq, kmax]
-            ok = (scores.gather(-1, idx) > float("-inf")) & (
-                torch.arange(self.kmax, device=scores.device) < self.k.view(-1, 1, 1))
+            ok = torch.arange(self.kmax, device=scores.device) < self.head_tokens(scores).unsqueeze(-1)
             hit.scatter_(2, idx, ok)
         return hit.view(b, num_kv_heads, hq // num_kv_heads, length).any(2) & ~self.fixed.unsqueeze(1)
 

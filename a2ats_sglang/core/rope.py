@@ -40,12 +40,18 @@ class RopeSpec:
                 f"rotary dim {self.rotary_dim} does not fit head dim {self.head_dim}"
             )
 
-    def rotate(self, x: torch.Tensor, pos: torch.Tensor | float) -> torch.Tensor:
-        """RoPE(x, pos). x: [..., D] any float dtype; pos broadcasts to x.shape[:-1]
-        (int or float, may be negative). Computed in float32, returned in x.dtype."""
-        pos = torch.as_tensor(pos, dtype=torch.float32, device=x.device)
-        ang = pos.unsqueeze(-1) * self.inv_freq.to(x.device)
-        cos, sin = ang.cos() * self.mscale, ang.sin() * self.mscale
+    def cos_sin(self, pos: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (float32 [..., rotary_dim // 2], no ``mscale``) of the rotation by
+        ``pos`` (float32, any shape, may be negative)."""
+        pos = torch.as_tensor(pos, dtype=torch.float32, device=self.inv_freq.device)
+        ang = pos.unsqueeze(-1) * self.inv_freq.to(pos.device)
+        return ang.cos(), ang.sin()
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [..., D] rotated by precomputed cos/sin [..., rotary_dim // 2] (broadcasting;
+        dims past rotary_dim pass through) -> float32 [..., D]. The kernels apply the same
+        pairing to a per-batch table (:meth:`cos_sin`): out_i = x_i cos - x_j sin,
+        out_j = x_j cos + x_i sin for each pair (i, j)."""
         xf = x.float()
         rd = self.rotary_dim
         rot, rest = xf[..., :rd], xf[..., rd:]
@@ -55,7 +61,13 @@ class RopeSpec:
         else:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        return torch.cat((out, rest), dim=-1).to(x.dtype)
+        return torch.cat((out, rest.expand(*out.shape[:-1], -1)), dim=-1)
+
+    def rotate(self, x: torch.Tensor, pos: torch.Tensor | float) -> torch.Tensor:
+        """RoPE(x, pos). x: [..., D] any float dtype; pos broadcasts to x.shape[:-1]
+        (int or float, may be negative). Computed in float32, returned in x.dtype."""
+        cos, sin = self.cos_sin(torch.as_tensor(pos, dtype=torch.float32, device=x.device))
+        return self.apply(x, cos * self.mscale, sin * self.mscale).to(x.dtype)
 
     def unrotate(self, x: torch.Tensor, pos: torch.Tensor | float) -> torch.Tensor:
         """Inverse of :meth:`rotate`: recovers pre-RoPE vectors from post-RoPE ones."""
@@ -67,11 +79,9 @@ class RopeSpec:
 
     def rerotate(self, x: torch.Tensor, from_pos, to_pos) -> torch.Tensor:
         """``rotate(unrotate(x, from_pos), to_pos)`` as one rotation by ``to_pos - from_pos``
-        (rotations compose; float32 result)."""
-        out = self.rotate(x.float(), torch.as_tensor(to_pos, dtype=torch.float32, device=x.device) - from_pos)
-        if self.mscale != 1.0:
-            out[..., : self.rotary_dim] /= self.mscale  # unrotate divides by mscale^2, rotate multiplies once
-        return out
+        (rotations compose; the magnitude factors cancel but once; float32 result)."""
+        delta = torch.as_tensor(to_pos, dtype=torch.float32, device=x.device) - from_pos
+        return self.apply(x, *self.cos_sin(delta))
 
     def to(self, device) -> "RopeSpec":
         """The same rotation with its frequencies on ``device`` (no copy per call there)."""

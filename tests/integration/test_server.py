@@ -85,7 +85,7 @@ def test_missing_codebooks_stop_the_server_at_start(default_model_dir, tmp_path)
 
 def test_bad_option_stops_the_server_at_start(default_model_dir):
     code, out = run_server_expecting_failure(default_model_dir, "a2ats", ["--a2ats-budget", "0"])
-    assert code != 0 and "budget ratio must be in (0, 1]" in out
+    assert code != 0 and "budget must be in (0, 1]" in out
 
 
 def test_mismatched_codebooks_stop_the_server(default_model_dir, tmp_path):

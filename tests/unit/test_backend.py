@@ -79,14 +79,17 @@ def test_cpu_dense_decode_is_the_cpp_kernel_over_every_slot(case):
     torch.testing.assert_close(out, kit.expected_dense_fixture_output(fixture), atol=1e-5, rtol=1e-5)
 
 
-def reference_selection(books, codes, q_post, n, scale, sinks, window, ratio, min_tokens, kv, g):
+def reference_selection(books, codes, q_post, n, scale, sinks, window, budget, kv, g):
     """Positions attended by KV head ``kv`` of a request of ``n`` tokens, from first
     principles: each query head of its group scores every token outside sinks and window
     as q (rotated to the WRoPE distance nearest the token's, in log scale) . centroid of
-    the token's code, keeps its top-K (ties to the earlier position), and the group
-    attends the union plus sinks and window; everything when that covers the request."""
-    k = max(min_tokens, math.ceil(ratio * n))
-    if k + sinks + window >= n:
+    the token's code, keeps its best K (ties to the earlier position; a fixed budget's K,
+    or with top-p the fewest whose softmax mass reaches p, within [min, max] tokens), and
+    the group attends the union plus sinks and window; everything when that covers the
+    request."""
+    least = budget.min_tokens if budget.top_p else min(max(budget.min_tokens, math.ceil(budget.ratio * n)),
+                                                       budget.max_tokens)
+    if least + sinks + window >= n:
         return set(range(n))
     chosen = set(range(min(sinks, n))) | set(range(max(0, n - window), n))
     d = list(books.distances)
@@ -98,7 +101,16 @@ def reference_selection(books, codes, q_post, n, scale, sinks, window, ratio, mi
             bucket = sum(dist >= math.sqrt(a * b) for a, b in zip(d[:-1], d[1:]))
             q_rot = books.rope.rotate(q_pre, float(d[bucket]))
             scored.append((-float(q_rot @ books.centroids[0, kv, codes[kv, j]]) * scale, j))
-        chosen |= {j for _, j in sorted(scored)[:k]}
+        scored.sort()
+        k = least
+        if budget.top_p:
+            probs = torch.tensor([-s for s, _ in scored], dtype=torch.float64).softmax(0).tolist()
+            mass, k = 0.0, 0
+            while mass < budget.top_p * (1 - 1e-9):
+                mass += probs[k]
+                k += 1
+            k = min(max(k, budget.min_tokens), budget.max_tokens)
+        chosen |= {j for _, j in scored[:k]}
     return chosen
 
 
@@ -122,8 +134,8 @@ def reference_decode(books, fixture, q, sinks, window, budget):
         qb = q[b].view(hq, HEAD_DIM).float()
         out = torch.empty(hq, HEAD_DIM)
         for kv in range(hkv):
-            pos = torch.tensor(sorted(reference_selection(books, codes, qb, n, layer.scaling, sinks, window,
-                                                          budget.ratio, budget.min_tokens, kv, g)))
+            pos = torch.tensor(sorted(reference_selection(books, codes, qb, n, layer.scaling, sinks, window, budget,
+                                                          kv, g)))
             attended += len(pos)
             for h in range(kv * g, (kv + 1) * g):
                 logits = (k_post[pos, kv] @ qb[h]) * layer.scaling
@@ -162,13 +174,30 @@ def test_sparse_decode_equals_reference_selection(env, page_size, kernel):
         name="a2ats_sparse", backend="a2ats", forward_mode=ForwardMode.DECODE, num_heads=4, num_kv_heads=2,
         page_size=page_size, prefix_lens=(300, 10, 200),
     )
-    out, want, attended, backend = run_sparse_decode(books, case, sinks, window, retrieval.Budget(0.05, 4, 1 << 30), 320)
+    out, want, attended, backend = run_sparse_decode(books, case, sinks, window, retrieval.Budget(0.05, 4, 1 << 30, 0.0), 320)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
     total = sum(case.seq_lens) * 2
     assert attended < total  # the long requests were really sparse
     assert backend.attended_share() == pytest.approx(attended / total)
     # The short request (11 tokens) fits its budget: its row is exact dense attention.
     assert attended >= 11 * 2 + 2 * (sinks + window + math.ceil(301 * 0.05))
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton", "cpp"])
+def test_sparse_decode_with_top_p_equals_reference_selection(env, kernel):
+    """The adaptive budget through the backend: each query head keeps the fewest best tokens
+    reaching half the estimated softmax mass, clamped; the short request stays dense."""
+    sinks, window = 4, 8
+    budget = retrieval.Budget(0.05, 4, 40, 0.5)
+    books = env(4, 2, top_p=0.5, min_tokens=4, max_tokens=40, sinks=sinks, window=window, kernel=kernel)
+    case = kit.DenseAttentionCase(
+        name="a2ats_top_p", backend="a2ats", forward_mode=ForwardMode.DECODE, num_heads=4, num_kv_heads=2,
+        page_size=1, prefix_lens=(300, 10, 200),
+    )
+    out, want, attended, backend = run_sparse_decode(books, case, sinks, window, budget, 320)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    assert attended < sum(case.seq_lens) * 2
+    assert backend.forward_metadata.batch.plan.top_p == 0.5
 
 
 SPARSE = dict(budget=0.05, min_tokens=1, sinks=1, window=2)  # a kit sequence of 8-17 tokens keeps 4 of them
@@ -182,7 +211,7 @@ def test_sglang_kit_cases_with_a_small_budget(env, case):
     if not case.forward_mode.is_decode():
         kit.run_dense_attention_case(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
         return
-    budget = retrieval.Budget(SPARSE["budget"], SPARSE["min_tokens"], 1 << 30)
+    budget = retrieval.Budget(SPARSE["budget"], SPARSE["min_tokens"], 1 << 30, 0.0)
     out, want, attended, _ = run_sparse_decode(books, case, SPARSE["sinks"], SPARSE["window"], budget)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
     assert attended < sum(case.seq_lens) * case.num_kv_heads
@@ -200,7 +229,7 @@ def test_bad_config_is_rejected(env):
     env(4, 2, budget=1.5)
     case = kit.DenseAttentionCase(name="x", backend="a2ats", forward_mode=ForwardMode.DECODE, num_heads=4,
                                   num_kv_heads=2, page_size=1, prefix_lens=(3,))
-    with pytest.raises(ValueError, match="budget ratio must be in"):
+    with pytest.raises(ValueError, match="budget must be in"):
         kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32)
 
 

@@ -8,7 +8,6 @@ from a2ats_sglang.core import attention, retrieval
 from a2ats_sglang.kernels import cpu
 from a2ats_sglang.kernels.dispatch import Impl, KernelChoice
 from a2ats_sglang.kernels.merge import merge_states_triton
-from a2ats_sglang.kernels.score import NOT_SCORABLE, score_keys_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cpp = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason="no C++ compiler for the CPU kernels")
@@ -18,29 +17,9 @@ def attend(impl: Impl, q, k_buf, v_buf, slots, scale, cap=0.0):
     """One kernel's attention through the backend's dispatch, into buffers allocated as a batch plan does."""
     kernels = KernelChoice(impl, "test")
     b, hq, _ = q.shape
-    buffers = kernels.buffers(b, hq, slots.shape[1], v_buf.shape[-1], slots.shape[-1], q.device)
+    buffers = kernels.buffers(b, hq, slots.shape[1], q.shape[-1], v_buf.shape[-1], slots.shape[-1], q.device)
     kernels.attend(q, k_buf, v_buf, slots, scale, cap, buffers)
     return buffers.out.to(q.dtype), buffers.lse
-
-
-@pytest.mark.parametrize("hq,hkv,nb", [(4, 2, 1), (9, 3, 8), (8, 8, 3)])
-def test_score_keys_kernel_matches_reference(hq, hkv, nb):
-    """The Triton scores, as top-K keys: ordered like the reference scores with ties to
-    the earlier position; sinks, window and padding below every score."""
-    b, c, n_slots = 3, 32, 700
-    seq_lens = torch.tensor([300, 17, 211])
-    length = int(seq_lens.max())
-    lut = torch.randn(b, hq, nb, c)
-    codes_buf = torch.randint(0, c, (n_slots, hkv), dtype=torch.int16)
-    slots = torch.stack([torch.randperm(n_slots)[:length] for _ in range(b)])
-    bounds = retrieval.distance_bounds(retrieval.wrope_distances(nb, lo=4, hi=400))
-    scores = retrieval.approx_scores(lut, codes_buf[slots].permute(0, 2, 1), seq_lens, bounds, 4, 16)
-    want = retrieval.scores_with_position_tiebreak(scores).masked_fill(scores == float("-inf"), NOT_SCORABLE)
-    got = torch.empty(b, hq, length, dtype=torch.int64, device=DEV)
-    bounds = bounds if nb > 1 else torch.zeros(1)
-    score_keys_triton(lut.to(DEV), codes_buf.to(DEV), slots.to(DEV), seq_lens.to(DEV), bounds.to(DEV), 4, 16, got,
-                      block=64)
-    assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -97,18 +76,38 @@ def test_cpu_kernel_matches_reference(dtype, cap, d, dv):
     torch.testing.assert_close(got_l, want_l, atol=1e-5, rtol=1e-5)
 
 
+def reference_selection(lut, codes_buf, slots, plan, bounds, hkv: int, width: int) -> torch.Tensor:
+    """The torch reference's retrieved slots from a given lookup table, -1 padded to ``width``."""
+    scores = retrieval.approx_scores(lut, codes_buf[slots].permute(0, 2, 1), plan.seq_lens, bounds, plan.sinks,
+                                     plan.window)
+    picked = retrieval.positions_to_slots(retrieval.mask_to_positions(plan.retrieved(scores, hkv)), slots)
+    out = torch.full((*picked.shape[:2], width), -1, dtype=torch.int64)
+    out[..., : picked.shape[-1]] = picked
+    return out
+
+
+BUDGETS = {"fixed": (0.03, 8, 1 << 30, 0.0), "top-p": (0.03, 8, 150, 0.9)}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("impl", [Impl.CPP, Impl.TRITON])
 @pytest.mark.parametrize("hq,hkv,nb,twins", [(8, 2, 4, False), (9, 3, 1, False), (4, 4, 8, False), (16, 2, 3, True)])
-def test_retrieve_kernels_match_torch(hq, hkv, nb, twins):
-    """The backend's whole retrieval step (WRoPE, LUT, scores, per-head top-K, GQA union)
-    through each kernel choice: the Triton kernels (on the device) and the C++ kernel (CPU)
-    write exactly the torch path's slots into a column range of a wider selection buffer
-    (as the batch plan lays it out), on ragged requests, one of them covered by its budget;
-    GQA groups of 1 to 8; ``twins``: pairs of equal centroids, so that different LUT
-    cells tie too (their tokens are cut by position across cells)."""
+def test_retrieve_kernels_match_torch(impl, hq, hkv, nb, twins, budget):
+    """The backend's whole retrieval step (WRoPE rotation, LUT, scores, per-head counts with
+    a fixed or adaptive budget, GQA union) through a kernel choice: its lookup table equals
+    the torch path's up to rounding, and its slots, written into a column range of a wider
+    selection buffer as the batch plan lays it out, are exactly the torch reference's from
+    that table, on ragged requests, one of them covered by its budget; GQA groups of 1 to 8;
+    ``twins``: pairs of equal centroids, so that different LUT cells tie too (their tokens
+    are cut by position across cells). With the C++ kernels, the per-head top-K baseline
+    agrees, and the fused decode layer writes the same slots and attends them exactly."""
     from a2ats_sglang.backend.retriever import Retriever
     from a2ats_sglang.core.codebook import Codebooks, ModelShape
     from a2ats_sglang.core.rope import RopeSpec
 
+    if impl is Impl.CPP and cpu.unavailable_reason() is not None:
+        pytest.skip("no C++ compiler for the CPU kernels")
+    dev = DEV if impl is Impl.TRITON else "cpu"
     d, c, n_slots, fixed_width = 32, 16, 6000, 5  # few codes: many exact ties, broken by position
     seq_lens = torch.tensor([900, 25, 1500, 1200])
     length = int(seq_lens.max())
@@ -122,34 +121,49 @@ def test_retrieve_kernels_match_torch(hq, hkv, nb, twins):
     codes_buf = torch.randint(0, c, (n_slots, hkv), dtype=torch.int16)
     slots = torch.randperm(n_slots)[: 4 * length].view(4, length)
     q = torch.randn(4, hq, d)
-    budget = retrieval.Budget(0.03, 8, 1 << 30)
+    plan = retrieval.SelectionPlan.build(seq_lens, retrieval.Budget(*BUDGETS[budget]), 4, 16)
+    width = min((hq // hkv) * plan.kmax, length)
 
-    def run(dev, impl, topk_baseline=False):
-        kernels = KernelChoice(impl, "test")
-        retriever = Retriever(books, rope, slice(0, hkv), n_slots, kernels, dev)
-        retriever.codes[0] = codes_buf.to(dev)
-        p = retrieval.SelectionPlan.build(seq_lens, budget, 4, 16, dev)
-        width = (hq // hkv) * p.kmax
-        selection = torch.full((4, hkv, fixed_width + width), 7, dtype=torch.int64, device=dev)
-        buffers = kernels.buffers(4, hq, hkv, d, selection.shape[-1], dev, length, p.kmax, retriever.lut_shape)
-        retriever.retrieve(0, q.to(dev), (seq_lens - 1).to(dev), d ** -0.5, slots.to(dev), p,
-                           selection[..., fixed_width:], buffers)
-        if topk_baseline:  # the earlier C++ kernel (per-head nth_element over tokens) on the same LUT
-            cpu.extension().retrieve_topk(buffers.lut, retriever.codes[0], slots, p.seq_lens, p.k,
-                                          retriever.bounds[: nb - 1], 4, 16, selection[..., fixed_width:])
+    def run(kernels, device):
+        retriever = Retriever(books, rope, slice(0, hkv), n_slots, kernels, device)
+        retriever.codes[0] = codes_buf.to(device)
+        p = retrieval.SelectionPlan.build(seq_lens, retrieval.Budget(*BUDGETS[budget]), 4, 16, device)
+        selection = torch.full((4, hkv, fixed_width + width), 7, dtype=torch.int64, device=device)
+        buffers = kernels.buffers(4, hq, hkv, d, d, selection.shape[-1], device, retriever.lut_shape)
+        rotation = retriever.rotation((seq_lens - 1).to(device))
+        retriever.retrieve(0, q.to(device), rotation, d ** -0.5, slots.to(device), p, selection[..., fixed_width:],
+                           buffers)
         assert (selection[..., :fixed_width] == 7).all()  # the fixed part is left alone
-        return selection[..., fixed_width:].cpu()
+        return selection[..., fixed_width:].cpu(), buffers.lut.cpu(), retriever
 
-    want = run("cpu", Impl.TORCH)
-    assert torch.equal(run(DEV, Impl.TRITON), want)
-    if cpu.unavailable_reason() is None:
-        assert torch.equal(run("cpu", Impl.CPP), want)  # the histogram kernel
-        assert torch.equal(run("cpu", Impl.CPP, topk_baseline=True), want)
-    want = want[..., : int((want >= 0).sum(-1).max())]
-    # each request retrieves its budget per query head: K..g*K per KV head; the covered one nothing
-    count = (want >= 0).sum(-1)
-    k = budget.tokens(seq_lens).view(-1, 1)
-    assert ((count >= k) & (count <= (hq // hkv) * k))[[0, 2, 3]].all() and (count[1] == 0).all()
+    want, want_lut, retriever = run(KernelChoice(Impl.TORCH, "test"), "cpu")
+    got, lut, _ = run(KernelChoice(impl, "test"), dev)
+    torch.testing.assert_close(lut, want_lut, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got, reference_selection(lut, codes_buf, slots, plan, retriever.bounds, hkv, width))
+    if torch.equal(lut, want_lut):
+        assert torch.equal(got, want)
+    count = (got >= 0).sum(-1)  # per KV head: each query head's count, unioned; the covered request nothing
+    most = plan.k.view(-1, 1).clamp_max(seq_lens.view(-1, 1) - 20)
+    assert ((count >= plan.min_tokens) & (count <= (hq // hkv) * most))[[0, 2, 3]].all() and (count[1] == 0).all()
+    if impl is not Impl.CPP:
+        return
+    if not plan.top_p:  # the earlier C++ kernel (per-head nth_element over tokens) on the same LUT
+        baseline = torch.full_like(got, 7)
+        cpu.extension().retrieve_topk(lut, codes_buf, slots, plan.seq_lens, plan.k, retriever.bounds, 4, 16, baseline)
+        assert torch.equal(baseline, got)
+    # the fused decode layer: the same slots behind a fixed part, attended exactly
+    kernels = KernelChoice(Impl.CPP, "test")
+    k_buf, v_buf = torch.randn(n_slots, hkv, d).bfloat16(), torch.randn(n_slots, hkv, d).bfloat16()
+    selection = torch.randint(0, n_slots, (4, hkv, fixed_width + width))
+    buffers = kernels.buffers(4, hq, hkv, d, d, selection.shape[-1], "cpu", retriever.lut_shape)
+    retriever.codes[0] = codes_buf
+    retriever.decode(0, q.bfloat16(), retriever.rotation(seq_lens - 1), d ** -0.5, slots, plan, selection, fixed_width,
+                     k_buf, v_buf, 0.0, buffers)
+    got_bf16 = reference_selection(buffers.lut, codes_buf, slots, plan, retriever.bounds, hkv, width)
+    assert torch.equal(selection[..., fixed_width:], got_bf16)
+    want_o, want_l = attention.sparse_attention(q.bfloat16().float(), k_buf, v_buf, selection, d ** -0.5)
+    torch.testing.assert_close(buffers.out, want_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(buffers.lse, want_l, atol=1e-5, rtol=1e-5)
 
 
 @needs_cpp

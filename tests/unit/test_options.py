@@ -114,8 +114,10 @@ def test_serving_cli_refuses_each_out_of_range_value_naming_the_flag(clean_env, 
 
 
 def test_serving_budget_message_and_kernels():
-    with pytest.raises(ValueError, match=r"budget ratio must be in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 1.5 \(--a2ats-budget"):
         A2ATSConfig(budget=1.5)
+    with pytest.raises(ValueError, match=r"top_p must be in \[0, 1\], got 1.5 \(--a2ats-top-p"):
+        A2ATSConfig(top_p=1.5)
     with pytest.raises(ValueError, match="--a2ats-min-tokens"):
         A2ATSConfig(min_tokens=64, max_tokens=32)
     assert options.spec(next(f for f in fields(A2ATSConfig) if f.name == "kernel")).choices == ("auto", "torch", "cpp", "triton")

@@ -5,21 +5,26 @@ import torch
 
 from a2ats_sglang.core.retrieval import (
     Budget,
+    SelectionPlan,
+    WRoPERotation,
     approx_scores,
     bucket_of,
     distance_bounds,
     lookup_table,
     mask_to_positions,
-    rotated_queries,
     select,
     wrope_distances,
 )
 
 
 def test_budget_policy_and_validation():
-    b = Budget(0.03, 10, 100)
+    b = Budget(0.03, 10, 100, 0.0)
     assert b.tokens(torch.tensor([100, 1000, 10000])).tolist() == [10, 30, 100]
-    for bad in [(0.0, 1, 2), (1.5, 1, 2), (0.1, 5, 2), (0.1, -1, 2)]:
+    assert b.least_tokens(torch.tensor([100, 1000, 10000])).tolist() == [10, 30, 100]
+    adaptive = Budget(0.03, 10, 100, 0.9)  # per-head counts decided by the scores, within [min, max]
+    assert adaptive.tokens(torch.tensor([5, 50, 500])).tolist() == [10, 50, 100]
+    assert adaptive.least_tokens(torch.tensor([5, 50, 500])).tolist() == [10, 10, 10]
+    for bad in [(0.0, 1, 2, 0.0), (1.5, 1, 2, 0.0), (0.1, 5, 2, 0.0), (0.1, -1, 2, 0.0), (0.1, 1, 2, 1.5), (0.1, 1, 2, -0.1)]:
         with pytest.raises(ValueError):
             Budget(*bad)
 
@@ -32,8 +37,8 @@ def test_budget_defaults_come_from_the_options_table():
     with pytest.raises(TypeError):
         Budget(0.03)  # no defaults of its own
     d = {f.name: f.default for f in fields(A2ATSConfig)}
-    assert A2ATSConfig().budget_policy == Budget(d["budget"], d["min_tokens"], d["max_tokens"])
-    assert A2ATSConfig(budget=0.5, min_tokens=3, max_tokens=7).budget_policy == Budget(0.5, 3, 7)
+    assert A2ATSConfig().budget_policy == Budget(d["budget"], d["min_tokens"], d["max_tokens"], d["top_p"])
+    assert A2ATSConfig(budget=0.5, min_tokens=3, max_tokens=7).budget_policy == Budget(0.5, 3, 7, 0.0)
 
 
 def test_wrope_distances_and_buckets():
@@ -89,7 +94,7 @@ def test_select_union_sinks_window_and_padding():
     pos = torch.arange(length)
     scorable = (pos >= sinks) & (pos < seq_lens.view(-1, 1) - window)
     scores = scores.masked_fill(~scorable.unsqueeze(1), float("-inf"))
-    budget = Budget(0.05, 1, 1000)
+    budget = Budget(0.05, 1, 1000, 0.0)
     got = select(scores, seq_lens, budget, sinks, window, hkv)
     for bi in range(b):
         n = int(seq_lens[bi])
@@ -103,9 +108,52 @@ def test_select_union_sinks_window_and_padding():
             assert (row[len(want):] == -1).all()
 
 
+@pytest.mark.parametrize("p", [0.3, 0.8, 0.99, 1.0])
+def test_top_p_takes_the_fewest_best_tokens_reaching_the_mass(p):
+    """Adaptive budget from first principles: per query head, softmax the approximate scores
+    of the scorable tokens, walk them best first and stop once the mass reaches p; then
+    clamp to [min_tokens, max_tokens]. A skewed head needs few tokens, a flat one many."""
+    torch.manual_seed(0)
+    b, hq, hkv, length, sinks, window = 2, 4, 2, 300, 4, 8
+    scores = torch.randn(b, hq, length) * torch.tensor([0.3, 1.0, 3.0, 6.0]).view(1, -1, 1)
+    seq_lens = torch.tensor([300, 220])
+    pos = torch.arange(length)
+    scorable = (pos >= sinks) & (pos < seq_lens.view(-1, 1) - window)
+    scores = scores.masked_fill(~scorable.unsqueeze(1), float("-inf"))
+    lo, hi = 5, 150
+    plan = SelectionPlan.build(seq_lens, Budget(0.03, lo, hi, p), sinks, window)
+    got = plan.retrieved(scores, hkv)
+    counts = []
+    for bi in range(b):
+        n = int(seq_lens[bi])
+        for kv in range(hkv):
+            want = set()
+            for h in range(kv * 2, kv * 2 + 2):
+                row = scores[bi, h, sinks : n - window]
+                probs = torch.softmax(row.double(), 0)
+                order = sorted(range(len(row)), key=lambda i: (-float(row[i]), i))
+                mass, k = 0.0, 0
+                while mass < p * float(probs.sum()) * (1 - 1e-12) and k < len(order):
+                    mass += float(probs[order[k]])
+                    k += 1
+                k = min(max(k, lo), hi)
+                counts.append(k)
+                want |= {sinks + i for i in order[:k]}
+            assert sorted(want) == got[bi, kv].nonzero().flatten().tolist()
+    assert p == 1.0 or min(counts) < max(counts)  # the count follows each head's distribution
+
+
+def test_top_p_bounds_and_covered_requests():
+    torch.manual_seed(1)
+    budget = Budget(0.03, 40, 1000, 0.5)
+    plan = SelectionPlan.build(torch.tensor([100, 30]), budget, 4, 8)
+    assert plan.fixed_host[1, :30].all() and not plan.fixed_host[0].all()  # 40 + 12 >= 30: covered
+    assert plan.k.tolist() == [100, 40] and plan.kmax == 100
+
+
 def test_budget_covering_the_sequence_selects_everything():
     scores = torch.randn(1, 2, 50)
-    got = select(scores, torch.tensor([50]), Budget(0.9, 1, 1000), 2, 4, 1)
+    got = select(scores, torch.tensor([50]), Budget(0.9, 1, 1000, 0.0), 2, 4, 1)
     assert got[0, 0].tolist() == list(range(50))
 
 
@@ -123,14 +171,14 @@ def test_tiebreak_keys_order_like_scores_and_prefer_earlier_positions():
     assert order[:3] == [6, 0, 2]  # 3.0, then the tied 1.5s, earlier first
     assert order[-1] == 3 and order[-2] == 1  # -inf last, -2.0 before it
     # a padded batch selects the same tokens
-    sel1 = select(s[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1, 1000), 0, 1, 1)
+    sel1 = select(s[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1, 1000, 0.0), 0, 1, 1)
     pad = torch.cat([s, torch.full((1, 5), float("-inf"))], -1)
-    sel2 = select(pad[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1, 1000), 0, 1, 1)
+    sel2 = select(pad[:, None].expand(1, 2, -1), torch.tensor([8]), Budget(0.25, 1, 1000, 0.0), 0, 1, 1)
     assert sel1.tolist() == sel2[..., : sel1.shape[-1]].tolist()
 
 
 @pytest.mark.parametrize("neox,mscale,rotary", [(True, 1.0, 16), (False, 1.3, 12)])
-def test_rotated_queries_equal_unrotate_then_rotate(neox, mscale, rotary):
+def test_wrope_rotation_equals_unrotate_then_rotate(neox, mscale, rotary):
     """WRoPE queries are RoPE(q_pre, distance) with q_pre = RoPE^-1(q_post, pos), computed as
     one rotation: same result for partial rotary dims and a magnitude factor (yarn)."""
     from a2ats_sglang.core.rope import RopeSpec
@@ -139,7 +187,7 @@ def test_rotated_queries_equal_unrotate_then_rotate(neox, mscale, rotary):
     q_post = torch.randn(3, 4, 16)
     positions = torch.tensor([5, 900, 4000])
     distances = (96, 2048)
-    got = rotated_queries(q_post, positions, rope, distances)
+    got = WRoPERotation.build(rope, positions, distances).apply(q_post)
     q_pre = rope.unrotate(q_post, positions.view(-1, 1))
     want = torch.stack([rope.rotate(q_pre, float(d)) for d in distances], dim=2)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,92 @@
+// One sparse decode layer on CPU in one native call: the queries rotated to the WRoPE distances, the
+// lookup table of query . centroid scores, the histogram selection (cpu_select.cpp) and the sparse
+// attention over the batch's selection buffer (cpu_sparse_attention.cpp). Every tensor is caller-owned
+// and allocated once per decode batch; nothing here allocates tensor storage.
+#include "cpu_kernels.h"
+
+namespace {
+
+// q [B, Hq, D] (f32/bf16/f16, last dim contiguous) -> q32 f32 [B, Hq, D]; q_rot f32 [B, Hq, NB, D] =
+// scale * q rotated by (cos, sin) f32 [B, NB, RD/2] (RD <= D; dims past RD pass through), pairing (i, i + RD/2)
+// when neox, else (2i, 2i + 1): RopeSpec.apply's arithmetic.
+void rotate_queries(const torch::Tensor& q, const torch::Tensor& cos, const torch::Tensor& sin, bool neox,
+                    double scale, torch::Tensor& q32, torch::Tensor& q_rot) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, Hq, D] with a contiguous last dim");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), NB = cos.size(1), half = cos.size(2);
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.size(0) == B && 2 * half <= D,
+              "cos/sin must be contiguous f32 [B, NB, RD/2] with RD <= D");
+  TORCH_CHECK(q32.scalar_type() == torch::kFloat && q32.is_contiguous() && q32.sizes() == q.sizes(),
+              "q32 must be contiguous f32 [B, Hq, D]");
+  TORCH_CHECK(q_rot.scalar_type() == torch::kFloat && q_rot.is_contiguous() && q_rot.numel() == B * Hq * NB * D,
+              "q_rot must be contiguous f32 [B, Hq, NB, D]");
+  q32.copy_(q);
+  const float* x = q32.data_ptr<float>();
+  const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  float* y = q_rot.data_ptr<float>();
+  const float f = static_cast<float>(scale);
+  const int64_t rd = 2 * half;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const float* xh = x + (b * Hq + h) * D;
+      for (int64_t n = 0; n < NB; ++n) {
+        const float *c = cs + (b * NB + n) * half, *s = sn + (b * NB + n) * half;
+        float* yh = y + ((b * Hq + h) * NB + n) * D;
+        for (int64_t j = 0; j < half; ++j) {
+          const int64_t i1 = neox ? j : 2 * j, i2 = neox ? j + half : 2 * j + 1;
+          yh[i1] = f * (xh[i1] * c[j] - xh[i2] * s[j]);
+          yh[i2] = f * (xh[i2] * c[j] + xh[i1] * s[j]);
+        }
+        for (int64_t i = rd; i < D; ++i) yh[i] = f * xh[i];
+      }
+    }
+}
+
+// lut f32 [B, Hq, NB, C] = q_rot . centroids [Hkv, C, D]: one GEMM per request (query heads of a KV head
+// and their distances as the rows), written in place.
+void lookup_table(const torch::Tensor& q_rot, const torch::Tensor& centroids, torch::Tensor& lut) {
+  TORCH_CHECK(centroids.dim() == 3 && centroids.scalar_type() == torch::kFloat, "centroids must be f32 [Hkv, C, D]");
+  TORCH_CHECK(lut.dim() == 4 && lut.scalar_type() == torch::kFloat && lut.is_contiguous(),
+              "lut must be contiguous f32 [B, Hq, NB, C]");
+  const int64_t B = lut.size(0), Hkv = centroids.size(0), C = centroids.size(1), D = centroids.size(2);
+  TORCH_CHECK(lut.size(3) == C && lut.size(1) % Hkv == 0, "lut and centroids disagree");
+  const int64_t rows = lut.size(1) / Hkv * lut.size(2);
+  const auto grouped = lut.view({B, Hkv, rows, C});
+  const auto q = q_rot.view({B, Hkv, rows, D});
+  const auto cent_t = centroids.transpose(1, 2);
+  for (int64_t b = 0; b < B; ++b) {
+    auto dst = grouped.select(0, b);
+    at::bmm_out(dst, q.select(0, b), cent_t);
+  }
+}
+
+}  // namespace
+
+// One layer's retrieved slots into out i64 [B, Hkv, R] (see retrieve_hist_cpu), from the post-RoPE decode
+// queries q [B, Hq, D], the batch's WRoPE rotation cos/sin f32 [B, NB, RD/2], the layer's centroids f32
+// [Hkv, C, D] and the softmax scale; q32 f32 [B, Hq, D], q_rot f32 [B, Hq, NB, D] and lut f32 [B, Hq, NB, C]
+// are the batch's workspaces (lut holds the layer's lookup table afterwards).
+void retrieve_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, bool neox, torch::Tensor centroids,
+                        double scale, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens, torch::Tensor k,
+                        double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks, int64_t window,
+                        torch::Tensor q32, torch::Tensor q_rot, torch::Tensor lut, torch::Tensor out) {
+  rotate_queries(q, cos, sin, neox, scale, q32, q_rot);
+  lookup_table(q_rot, centroids, lut);
+  retrieve_hist_cpu(lut, codes, slots, seq_lens, k, top_p, min_tokens, bounds, sinks, window, out);
+}
+
+// retrieve_layer_cpu into selection[..., fixed_width:] (selection i64 [B, Hkv, F + R]: per KV head the
+// slots attended in every layer, then room for the retrieved ones), then exact attention of q over the
+// whole selection of k_buf [N, Hkv, D] / v_buf [N, Hkv, Dv] -> out f32 [B, Hq, Dv], lse f32 [B, Hq].
+void decode_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, bool neox, torch::Tensor centroids,
+                      double scale, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens, torch::Tensor k,
+                      double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks, int64_t window,
+                      torch::Tensor q32, torch::Tensor q_rot, torch::Tensor lut, torch::Tensor selection,
+                      int64_t fixed_width, torch::Tensor k_buf, torch::Tensor v_buf, double cap, torch::Tensor out,
+                      torch::Tensor lse) {
+  TORCH_CHECK(selection.dim() == 3 && fixed_width >= 0 && fixed_width <= selection.size(2),
+              "selection must be i64 [B, Hkv, F + R] with 0 <= F <= its width");
+  retrieve_layer_cpu(q, cos, sin, neox, centroids, scale, codes, slots, seq_lens, k, top_p, min_tokens, bounds, sinks,
+                     window, q32, q_rot, lut, selection.narrow(2, fixed_width, selection.size(2) - fixed_width));
+  sparse_attention(q32, k_buf, v_buf, selection, scale, cap, out, lse);
+}

@@ -1,0 +1,21 @@
+// The CPU kernels' entry points, shared by the bindings and the fused decode layer.
+#pragma once
+#include <torch/extension.h>
+
+void sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, double scale,
+                      double cap, torch::Tensor out, torch::Tensor lse);
+void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
+                       torch::Tensor k, double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks,
+                       int64_t window, torch::Tensor out);
+void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
+                       torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out);
+void retrieve_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, bool neox, torch::Tensor centroids,
+                        double scale, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens, torch::Tensor k,
+                        double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks, int64_t window,
+                        torch::Tensor q32, torch::Tensor q_rot, torch::Tensor lut, torch::Tensor out);
+void decode_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, bool neox, torch::Tensor centroids,
+                      double scale, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens, torch::Tensor k,
+                      double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks, int64_t window,
+                      torch::Tensor q32, torch::Tensor q_rot, torch::Tensor lut, torch::Tensor selection,
+                      int64_t fixed_width, torch::Tensor k_buf, torch::Tensor v_buf, double cap, torch::Tensor out,
+                      torch::Tensor lse);
