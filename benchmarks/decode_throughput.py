@@ -8,7 +8,13 @@ streamed at once, and only the window in which all B decode together is timed
 output token and batch tokens/s over that window, with no prefill inside it.
 
     python benchmarks/decode_throughput.py [--lengths 1024 4096 8192 16384] [--batches 1 4]
-        [--dense torch_native]   (on a GPU: --dense flashinfer)
+        [--dense a2ats_dense torch_native] [--rounds 3]   (on a GPU: --dense flashinfer)
+
+Each round serves every dense backend, then a2ats, one server at a time; the table gives
+per backend the median ms/token over rounds (and its range), and a2ats's throughput
+against each dense backend as the median of the per-round ratios (and their range).
+Floors: the bytes one decode step must read (the weights once, plus per request the K/V
+it attends and, for a2ats, its codes) at the machine's measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import concurrent.futures as cf
 import json
 import platform
 import re
+import statistics
 import time
 from datetime import date
 from pathlib import Path
@@ -72,58 +79,102 @@ def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):
     return rows, shares
 
 
+def step_floor_ms(model: str, length: int, batch: int, share: float, copy_gb_s: float, codes: bool) -> float:
+    """ms one decode step must take at ``copy_gb_s``: the weights once, and per request the K/V
+    of ``share`` of its context (in the served dtype) plus, with ``codes``, a 2-byte code per
+    token and KV head."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 4  # K and V, float32 on CPU
+    kv = batch * length * share * per_token
+    code_bytes = batch * length * cfg.num_hidden_layers * cfg.num_key_value_heads * 2 if codes else 0
+    return 1e3 * (weights + kv + code_bytes) / (copy_gb_s * 1e9)
+
+
+def span(xs) -> str:
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f}–{max(xs):.1f})"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--dense", default="torch_native" if on_cpu() else "flashinfer")
+    ap.add_argument("--dense", nargs="+", default=["a2ats_dense", "torch_native"] if on_cpu() else ["flashinfer"])
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the backends this many times")
     ap.add_argument("--a2ats-args", default="", help="extra server flags for a2ats, e.g. '--a2ats-budget 0.05'")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     model = args.model_path or build_default_model()
     if not args.model_path:
         ensure_default_codebooks(model)
+    from offload_memory import copy_bandwidth
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
     base_ids = tok(long_text(max(args.lengths) * 6), add_special_tokens=False)["input_ids"]
     t0 = time.time()
-    dense, _ = measure(args.dense, model, base_ids, args.lengths, args.batches, args.new_tokens, [])
-    sparse, shares = measure("a2ats", model, base_ids, args.lengths, args.batches, args.new_tokens, args.a2ats_args.split())
+    backends = [*args.dense, "a2ats"]
+    runs = {name: [] for name in backends}  # per backend, per round: rows
+    shares, copies = [], []
+    for _ in range(args.rounds):
+        copies.append(copy_bandwidth())
+        for name in backends:
+            extra = args.a2ats_args.split() if name == "a2ats" else []
+            rows, got = measure(name, model, base_ids, args.lengths, args.batches, args.new_tokens, extra)
+            runs[name].append(rows)
+            shares += got if name == "a2ats" else []
+    copy = statistics.median(copies)
+    share = statistics.median(shares) / 100 if shares else 1.0
     machine = f"{platform.machine()}, {'CPU' if on_cpu() else 'GPU'}"
     lines = [f"Model `{Path(model).name}`; {args.new_tokens} output tokens per request; shared cached prefix; "
-             f"{machine}; {date.today()}; dense = `{args.dense}`; a2ats args `{args.a2ats_args or 'defaults'}`. "
-             f"Contexts past the model's 8K training length are for throughput only.", "",
-             "| context | batch | dense ms/token | a2ats ms/token | dense tok/s | a2ats tok/s | a2ats / dense throughput |",
-             "|---|---|---|---|---|---|---|"]
-    for d, s in zip(dense, sparse):
-        lines.append(f"| {d['length']} | {d['batch']} | {d['tpot_ms']:.1f} | {s['tpot_ms']:.1f} | {d['tok_s']:.2f} | "
-                     f"{s['tok_s']:.2f} | **{s['tok_s'] / d['tok_s']:.2f}x** |")
+             f"{machine}; {date.today()}; {args.rounds} round(s), each serving {', '.join(backends)} in turn; "
+             f"copy bandwidth {copy:.1f} GB/s; a2ats args `{args.a2ats_args or 'defaults'}`. Contexts past the "
+             f"model's 8K training length are for throughput only.", "",
+             "| context | batch | " + " | ".join(f"{n} ms/token" for n in backends) + " | " +
+             " | ".join(f"a2ats / {n} throughput" for n in args.dense) + " | dense floor ms | a2ats floor ms |",
+             "|---|---|" + "---|" * (len(backends) + len(args.dense) + 2)]
+    table_rows = []
+    for i, first in enumerate(runs[backends[0]][0]):
+        length, batch = first["length"], first["batch"]
+        ms = {n: [r[i]["tpot_ms"] for r in runs[n]] for n in backends}
+        ratios = {n: [d[i]["tpot_ms"] / s[i]["tpot_ms"] for d, s in zip(runs[n], runs["a2ats"])] for n in args.dense}
+        floors = (step_floor_ms(model, length, batch, 1.0, copy, False),
+                  step_floor_ms(model, length, batch, share, copy, True))
+        table_rows.append({"length": length, "batch": batch, "ms": ms, "ratios": ratios, "floor_ms": floors})
+        lines.append(f"| {length} | {batch} | " + " | ".join(span(ms[n]) for n in backends) + " | " +
+                     " | ".join(f"**{statistics.median(ratios[n]):.2f}x** ({min(ratios[n]):.2f}–{max(ratios[n]):.2f})"
+                                for n in args.dense) + f" | {floors[0]:.1f} | {floors[1]:.1f} |")
     if shares:
-        lines += ["", f"a2ats attended between {min(shares):.1f} % and {max(shares):.1f} % of the context per decode step."]
+        lines += ["", f"a2ats attended between {min(shares):.1f} % and {max(shares):.1f} % of the context per decode "
+                      f"step (median {100 * share:.1f} %, used for its floor)."]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_throughput.md").write_text(table + "\n")
-    (args.out / "decode_throughput.json").write_text(json.dumps({"dense": dense, "a2ats": sparse}, indent=1))
-    plot(dense, sparse, args.dense, args.out / "decode_throughput.png")
+    (args.out / "decode_throughput.json").write_text(json.dumps({"copy_gb_s": copies, "rows": table_rows, "runs": runs},
+                                                                indent=1))
+    plot(runs, args.out / "decode_throughput.png")
     print(f"[bench] done in {time.time() - t0:.0f}s")
 
 
-def plot(dense, sparse, dense_name, path):
+def plot(runs, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for rows, name in ((dense, dense_name), (sparse, "a2ats")):
-        for b in sorted({r["batch"] for r in rows}):
-            pts = [(r["length"], r["tpot_ms"]) for r in rows if r["batch"] == b]
+    for name, rounds in runs.items():
+        for b in sorted({r["batch"] for r in rounds[0]}):
+            pts = [(r["length"], statistics.median(rr[i]["tpot_ms"] for rr in rounds))
+                   for i, r in enumerate(rounds[0]) if r["batch"] == b]
             ax.plot(*zip(*pts), marker="o", label=f"{name}, batch {b}")
-    ax.set(xlabel="context tokens", ylabel="time per output token (ms)", xscale="log")
+    ax.set(xlabel="context tokens", ylabel="time per output token (ms, median over rounds)", xscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -13,6 +13,11 @@ with 8 distances (does the bucket-weighted second moment matter?); Quest-style
 page bounds (page 16).
 
     python benchmarks/retrieval_quality.py [--model-path DIR] [--lengths 2048 8192]
+
+With ``--top-p``: the served configuration only (the model's codebooks file, as the
+server loads it), fixed budgets against the adaptive top-p budget at several ``p``, each
+with the attended share it costs (sinks + window + the GQA union, per KV head, of the
+context), written to ``retrieval_quality_top_p.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ from a2ats_sglang.harness.default_model import build_default_model
 from a2ats_sglang.calibration.texts import long_text
 
 BUDGETS = (0.01, 0.02, 0.03, 0.05, 0.10)
+TOP_P = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+
+
+def fixed_budgets(ratios=BUDGETS) -> dict:
+    return {f"{r * 100:g} %": retrieval.Budget(r, 1, 1 << 30, 0.0) for r in ratios}
+
+
+def top_p_budgets(ps=TOP_P, min_tokens: int = 1) -> dict:
+    return {f"top-p {p:g}": retrieval.Budget(0.03, min_tokens, 1 << 30, p) for p in ps}
 
 
 def quest_scores(q_post, k_post, seq_lens, page: int, group: int):
@@ -71,8 +85,8 @@ def wrope_scores(q_pre, k_pre, positions, rope, distances, group):
 
 
 def evaluate_layer(q_pre, k_pre, v, rope, scale, methods, sinks, window, budgets):
-    """q_pre [Hq, T, D], k_pre/v [Hkv, T, D] of one document; methods: name -> score fn.
-    -> {name: {budget: (recall sum, error sum, count)}}"""
+    """q_pre [Hq, T, D], k_pre/v [Hkv, T, D] of one document; methods: name -> score fn;
+    budgets: label -> Budget. -> {name: {label: (recall sum, error sum, attended share sum, count)}}"""
     hq, t, d = q_pre.shape
     hkv = k_pre.shape[0]
     g = hq // hkv
@@ -94,8 +108,8 @@ def evaluate_layer(q_pre, k_pre, v, rope, scale, methods, sinks, window, budgets
             continue
         s = mask_scores(fn(ctx), seq_lens, sinks, window)
         out[name] = {}
-        for b in budgets:
-            sel = retrieval.select(s, seq_lens, retrieval.Budget(b, 1, 1 << 30, 0.0), sinks, window, hkv)
+        for label, budget in budgets.items():
+            sel = retrieval.select(s, seq_lens, budget, sinks, window, hkv)
             m = torch.zeros(len(positions), hkv, t + 1, dtype=torch.bool)  # column t takes the -1 padding
             m.scatter_(2, torch.where(sel >= 0, sel, t), True)
             m = m[..., :t].repeat_interleave(g, 1)
@@ -103,7 +117,8 @@ def evaluate_layer(q_pre, k_pre, v, rope, scale, methods, sinks, window, budgets
             recall = ps.sum(-1)
             o_sel = torch.einsum("phl,hld->phd", ps / recall.unsqueeze(-1), vv)
             err = (o_sel - o_full).norm(dim=-1) / o_full.norm(dim=-1).clamp_min(1e-12)
-            out[name][b] = (float(recall.sum()), float(err.sum()), recall.numel())
+            share = m.sum(-1) / seq_lens.view(-1, 1)
+            out[name][label] = (float(recall.sum()), float(err.sum()), float(share.sum()), recall.numel())
     return out
 
 
@@ -118,9 +133,12 @@ def main(argv=None):
     ap.add_argument("--sinks", type=int, default=8)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--top-p", action="store_true", help="fixed vs adaptive budgets of the served codebooks only")
     args = ap.parse_args(argv)
     t0 = time.time()
     model_path = args.model_path or build_default_model()
+    if args.top_p:
+        return compare_top_p(model_path, args, t0)
     quiet = lambda *a, **k: None  # noqa: E731
     data = collect(model_path, tokens=args.calib_tokens, log=quiet)
     def settings(distances):
@@ -150,6 +168,7 @@ def main(argv=None):
         return lambda c: wrope_scores(c["q_pre"], c["k_pre"], c["positions"], rope, distances, c["group"])
 
     ms8 = retrieval.wrope_distances(8)
+    budgets = fixed_budgets()
     results = {}
     for length in args.lengths:
         ids = tok(long_text(length * 6), add_special_tokens=False)["input_ids"][:length]
@@ -170,14 +189,10 @@ def main(argv=None):
                 "multi-scale x8 + query-aware VQ fitted at b only": vq(books["qavq_b"], ms8, li),
                 "Quest page bounds (page 16)": lambda c: quest_scores(c["q_post"], c["k_post"], c["seq_lens"], 16, c["group"]),
             }
-            res = evaluate_layer(cap.q[li][0], cap.k[li][0], cap.v[li][0], rope, scale, methods, args.sinks, args.window, BUDGETS)
-            for name, per_b in res.items():
-                for b, (r, e, n) in per_b.items():
-                    a = acc.setdefault(name, {}).setdefault(b, [0.0, 0.0, 0])
-                    a[0] += r
-                    a[1] += e
-                    a[2] += n
-        results[length] = {name: {b: (a[0] / a[2], a[1] / a[2]) for b, a in per_b.items()} for name, per_b in acc.items()}
+            res = evaluate_layer(cap.q[li][0], cap.k[li][0], cap.v[li][0], rope, scale, methods, args.sinks, args.window,
+                                 budgets)
+            accumulate(acc, res)
+        results[length] = means(acc)
         print(f"[bench] evaluated {length} tokens ({time.time() - t0:.0f}s)", flush=True)
 
     lines = [f"Model `{Path(model_path).name}`, {shape.num_layers} layers, {shape.num_q_heads}/{shape.num_kv_heads} heads; "
@@ -189,7 +204,7 @@ def main(argv=None):
                       "| method | " + " | ".join(f"{int(b * 100)} %" for b in BUDGETS) + " |",
                       "|---|" + "---|" * len(BUDGETS)]
             for name, per_b in res.items():
-                lines.append(f"| {name} | " + " | ".join(f"{per_b[b][idx]:.3f}" for b in BUDGETS) + " |")
+                lines.append(f"| {name} | " + " | ".join(f"{per_b[b][idx]:.3f}" for b in budgets) + " |")
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +212,87 @@ def main(argv=None):
     (args.out / "retrieval_quality.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     plot(results, args.out / "retrieval_quality.png")
     print(f"[bench] done in {time.time() - t0:.0f}s; wrote {args.out}/retrieval_quality.{{md,json,png}}")
+
+
+def accumulate(acc: dict, res: dict) -> None:
+    """Add one layer's sums (:func:`evaluate_layer`) into ``acc``."""
+    for name, per_b in res.items():
+        for label, sums in per_b.items():
+            a = acc.setdefault(name, {}).setdefault(label, [0.0] * len(sums))
+            for i, x in enumerate(sums):
+                a[i] += x
+
+
+def means(acc: dict) -> dict:
+    """-> {name: {label: (recall, error, attended share)}} means over layers, heads and positions."""
+    return {name: {label: tuple(x / a[-1] for x in a[:-1]) for label, a in per_b.items()} for name, per_b in acc.items()}
+
+
+def compare_top_p(model_path, args, t0):
+    """Fixed budgets against top-p on the served codebooks: recall and error at the attended share each costs."""
+    from a2ats_sglang.core.codebook import Codebooks, default_codebook_path
+
+    model, tok, shape, rope = load_hf_model(model_path)
+    books = Codebooks.load(default_codebook_path(model_path))
+    distances = books.distances
+    scale = shape.head_dim ** -0.5
+    budgets = {**fixed_budgets(), **top_p_budgets()}
+    results = {}
+    for length in args.lengths:
+        ids = tok(long_text(length * 6), add_special_tokens=False)["input_ids"][:length]
+        cap = run_documents(model, [ids], keep_v=True)
+        acc = {}
+        for li in range(shape.num_layers):
+            lcb = LayerCodebook.build(books.centroids[li], books.whiten[li], "cpu")
+
+            def served(c, lcb=lcb):
+                codes = lcb.encode(c["k_pre"].transpose(0, 1)).transpose(0, 1)  # [Hkv, L]
+                q_rot = rope.rotate(c["q_pre"].unsqueeze(2).expand(-1, -1, len(distances), -1),
+                                    torch.tensor(distances, dtype=torch.float32))
+                lut = retrieval.lookup_table(q_rot, lcb.centroids, scale)
+                return retrieval.approx_scores(lut, codes.unsqueeze(0).expand(len(c["positions"]), -1, -1),
+                                               c["seq_lens"], retrieval.distance_bounds(distances), 0, 0)
+
+            methods = {"__positions__": args.positions, "served codebooks": served}
+            accumulate(acc, evaluate_layer(cap.q[li][0], cap.k[li][0], cap.v[li][0], rope, scale, methods, args.sinks,
+                                           args.window, budgets))
+        results[length] = means(acc)["served codebooks"]
+        print(f"[bench] evaluated {length} tokens ({time.time() - t0:.0f}s)", flush=True)
+    lines = [f"Model `{Path(model_path).name}`, {shape.num_layers} layers, {shape.num_q_heads}/{shape.num_kv_heads} heads; "
+             f"its served codebooks ({books.num_codes} codes, WRoPE distances {list(distances)}); sinks {args.sinks}, "
+             f"window {args.window}; last {args.positions} positions of every query head; "
+             f"{platform.processor() or platform.machine()}, {date.today()}.", "",
+             "| budget | " + " | ".join(f"{n} tokens: attended share | recall | output error" for n in results) + " |",
+             "|---|" + "---|---|---|" * len(results)]
+    for label in budgets:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{res[label][2]:.3f} | {res[label][0]:.3f} | {res[label][1]:.3f}" for res in results.values()) + " |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "retrieval_quality_top_p.md").write_text(table + "\n")
+    (args.out / "retrieval_quality_top_p.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    plot_top_p(results, args.out / "retrieval_quality_top_p.png")
+    print(f"[bench] done in {time.time() - t0:.0f}s")
+
+
+def plot_top_p(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
+    for ax, (length, res) in zip(axes[0], results.items()):
+        for kind in ("%", "top-p"):
+            pts = sorted((v[2], v[0]) for label, v in res.items() if kind in label)
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o",
+                    label="fixed budget" if kind == "%" else "top-p")
+        ax.set(title=f"{length} tokens", xlabel="attended share (% of context)", ylabel="attention-mass recall")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(results, path):
@@ -210,7 +306,8 @@ def plot(results, path):
             "multi-scale x8 + query-aware VQ", "multi-scale x8, unquantized", "Quest page bounds (page 16)"]
     for ax, (length, res) in zip(axes[0], results.items()):
         for name in keep:
-            ax.plot([b * 100 for b in BUDGETS], [res[name][b][0] for b in BUDGETS], marker="o", label=name)
+            ax.plot([b * 100 for b in BUDGETS], [res[name][label][0] for label in fixed_budgets()], marker="o",
+                    label=name)
         ax.set(title=f"{length} tokens", xlabel="budget (% of context)", ylabel="attention-mass recall")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

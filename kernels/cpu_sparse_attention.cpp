@@ -1,9 +1,10 @@
 // CPU sparse decode attention over per-KV-head lists of selected slots.
 //
 // Work is split into (request, KV head, chunk of selected rows) items so every core is
-// busy even at batch 1; each item streams its rows in blocks of 16: the g query heads of
-// the group score a block of K rows (16-lane products, the 16 rows' sums reduced together
-// by a transpose-and-add network), update their running max and sum once per block, then
+// busy even at batch 1; each item streams its rows in blocks of one row per vector lane (8
+// with AVX2, 16 with AVX-512): the g query heads of the group score a block of K rows (the
+// rows' sums reduced together by a transpose-and-add network), update their running max
+// and sum once per block (weights by a vector exp), then
 // accumulate the block's V rows with each slice of the output held in a register over
 // the block. Rows are scattered in the
 // pool, so the next block's K and V rows (every cache line of them) are prefetched
@@ -21,9 +22,19 @@
 
 namespace {
 
-constexpr int64_t kBlock = 16;    // rows scored together (block_dots assumes 16)
-constexpr int64_t kChunk = 256;   // rows per work item
-constexpr int64_t kLine = 64;     // cache line bytes
+// One vector register of floats: 16 lanes with AVX-512, else 8 (AVX2). A block has one row per lane, so
+// that the block's G x lanes accumulators and a query slice fit the 16 or 32 vector registers.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+
+constexpr int64_t kBlock = kLanes;  // rows scored together (block_dots: one per lane)
+constexpr int64_t kChunk = 256;     // rows per work item
+constexpr int64_t kLine = 64;       // cache line bytes
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s = 0.f;
@@ -32,41 +43,22 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return s;
 }
 
-// Dot products of one K row with the G query rows (each D long), written to s[g * stride].
-// Fast path for D % 16 == 0: 16-lane vector accumulators and one tree reduction per head.
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-inline v16 load16(const float* p) {
-  v16 v;
+inline vec loadv(const float* p) {
+  vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline float hsum(v16 v) {
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
+// Dot products of one K row with the G query rows (each D long), written to s[g * stride]
+// (the path for a head dim that is not a multiple of the lanes).
 inline void dots(const float* __restrict q, const float* __restrict k, int64_t G, int64_t D, float* s, int64_t stride) {
-  if (D % 16 == 0) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      v16 acc = {};
-      for (int64_t d = 0; d < D; d += 16) acc += load16(qg + d) * load16(k + d);
-      s[g * stride] = hsum(acc);
-    }
-  } else {
-    for (int64_t g = 0; g < G; ++g) s[g * stride] = dot(q + g * D, k, D);
-  }
+  for (int64_t g = 0; g < G; ++g) s[g * stride] = dot(q + g * D, k, D);
 }
 
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
-  if (n % 16 == 0) {
-    for (int64_t i = 0; i < n; i += 16) {
-      const v16 r = load16(y + i) + a * load16(x + i);
+  if (n % kLanes == 0) {
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const vec r = loadv(y + i) + a * loadv(x + i);
       std::memcpy(y + i, &r, sizeof(r));
     }
     return;
@@ -75,10 +67,11 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// Horizontal sums of 16 vectors at once: lane r of the result is the sum of p[r]'s lanes.
-// Four levels of pairwise "transpose and add" (15 shuffle pairs instead of 16 reductions).
-inline v16 hsum16(v16* p) {
-  v16 c[8], e[4], f[2];
+// Horizontal sums of kLanes vectors at once: lane r of the result is the sum of p[r]'s lanes, by levels of
+// pairwise "transpose and add" (kLanes - 1 shuffle pairs instead of kLanes reductions).
+inline vec hsum_block(vec* p) {
+#if defined(__AVX512F__)
+  vec c[8], e[4], f[2];
   for (int j = 0; j < 8; ++j)
     c[j] = __builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
            __builtin_shufflevector(p[2 * j], p[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -90,29 +83,64 @@ inline v16 hsum16(v16* p) {
            __builtin_shufflevector(e[2 * j], e[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
   return __builtin_shufflevector(f[0], f[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(f[0], f[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+  vec e[4], f[2];
+  for (int j = 0; j < 4; ++j)
+    e[j] = __builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(p[2 * j], p[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int j = 0; j < 2; ++j)
+    f[j] = __builtin_shufflevector(e[2 * j], e[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(e[2 * j], e[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(f[0], f[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(f[0], f[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
 }
 
-// Scores of a full block: s[g * 16 + r] = q_g . k_r for the G query rows (D % 16 == 0).
+// Scores of a full block: s[g * kBlock + r] = q_g . k_r for the G query rows (D % kLanes == 0).
 inline void block_dots(const float* __restrict q, const float* const* k, int64_t G, int64_t D, float* s) {
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * D;
-    v16 p[16];
-    for (int r = 0; r < 16; ++r) p[r] = v16{};
-    for (int64_t d = 0; d < D; d += 16) {
-      const v16 qd = load16(qg + d);
-      for (int r = 0; r < 16; ++r) p[r] += qd * load16(k[r] + d);
+    vec p[kBlock];
+    for (int r = 0; r < kBlock; ++r) p[r] = vec{};
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const vec qd = loadv(qg + d);
+      for (int r = 0; r < kBlock; ++r) p[r] += qd * loadv(k[r] + d);
     }
-    const v16 out = hsum16(p);
-    std::memcpy(s + g * 16, &out, sizeof(out));
+    const vec out = hsum_block(p);
+    std::memcpy(s + g * kBlock, &out, sizeof(out));
   }
 }
 
-// y[0:n) += sum_r p[r] * x[r][0:n): each 16-lane slice of y stays in a register over the rows.
+// exp of every lane (float32; Cephes' polynomial on the reduced argument, ~2 ulp; exp(-inf) = 0): the
+// softmax weights of a block in a few vector instructions instead of one libm call each.
+inline vec vexp(vec x) {
+  const vec hi = x > 88.3762626647949f ? vec{} + 88.3762626647949f : x;
+  x = x < -88.3762626647949f ? vec{} - 88.3762626647949f : hi;
+  vec fx = x * 1.44269504088896341f + 0.5f;
+  const ivec n0 = __builtin_convertvector(fx, ivec);
+  vec n = __builtin_convertvector(n0, vec);
+  n = n > fx ? n - 1.f : n;  // floor
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const vec z = x * x;
+  vec y = vec{} + 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// y[0:n) += sum_r p[r] * x[r][0:n): each slice of y stays in a register over the rows.
 inline void accumulate(float* __restrict y, const float* p, const float* const* x, int64_t rows, int64_t n) {
-  if (n % 16 == 0) {
-    for (int64_t i = 0; i < n; i += 16) {
-      v16 a = load16(y + i);
-      for (int64_t r = 0; r < rows; ++r) a += p[r] * load16(x[r] + i);
+  if (n % kLanes == 0) {
+    for (int64_t i = 0; i < n; i += kLanes) {
+      vec a = loadv(y + i);
+      for (int64_t r = 0; r < rows; ++r) a += p[r] * loadv(x[r] + i);
       std::memcpy(y + i, &a, sizeof(a));
     }
     return;
@@ -180,7 +208,7 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
           ++n;
         }
         if (n == 0) continue;
-        if (D % 16 == 0) {  // a whole block at once; rows past n read zeros and are not used
+        if (D % kLanes == 0) {  // a whole block at once; rows past n read zeros and are not used
           for (int64_t r = n; r < kBlock; ++r) krow[r] = zeros.data();
           block_dots(qs.data(), krow, G, D, s.data());
         } else {
@@ -200,10 +228,10 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
             for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] *= alpha;
             m[g] = m_new;
           }
-          for (int64_t r = 0; r < n; ++r) {
-            sg[r] = std::exp(sg[r] - m_new);
-            l[g] += sg[r];
-          }
+          for (int64_t r = n; r < kBlock; ++r) sg[r] = neg_inf;  // rows past n weigh 0
+          const vec w = vexp(loadv(sg) - m_new);
+          std::memcpy(sg, &w, sizeof(w));
+          for (int64_t r = 0; r < n; ++r) l[g] += sg[r];
         }
         const float* vr[kBlock];
         for (int64_t r = 0; r < n; ++r) vr[r] = as_float(vrow[r], vbuf.data() + r * Dv, Dv);

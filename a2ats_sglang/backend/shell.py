@@ -55,9 +55,9 @@ class A2ATSAttnBackend(AttentionBackend):
                                      self.stats, self.retriever.kv_heads * group, pool.get_key_buffer(0).shape[-1],
                                      pool.get_value_buffer(0).shape[-1])
         self.forward_metadata = None
-        logger.info("a2ats: %s, %d codes, WRoPE distances %s, budget %.3g [%d, %d] + %d sinks + %d window; kernel %s "
-                    "(%s); %s", path, books.num_codes, list(books.distances), cfg.budget, cfg.min_tokens,
-                    cfg.max_tokens, cfg.sinks, cfg.window, kernels.impl.value, kernels.reason, self.strategy.describe())
+        logger.info("a2ats: %s, %d codes, WRoPE distances %s, %s + %d sinks + %d window; kernel %s (%s); %s", path,
+                    books.num_codes, list(books.distances), cfg.budget_policy.describe(), cfg.sinks, cfg.window,
+                    kernels.impl.value, kernels.reason, self.strategy.describe())
 
     def init_forward_metadata(self, forward_batch):
         idle = forward_batch.forward_mode.is_idle() or not forward_batch.batch_size

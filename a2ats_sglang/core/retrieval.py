@@ -48,6 +48,10 @@ class Budget:
         k = torch.ceil(seq_lens.double() * self.ratio).long()
         return k.clamp(self.min_tokens, self.max_tokens)
 
+    def describe(self) -> str:
+        bounds = f"[{self.min_tokens}, {self.max_tokens}] tokens per query head"
+        return f"top-p {self.top_p:g} {bounds}" if self.top_p else f"budget {self.ratio:g} of the context {bounds}"
+
     def least_tokens(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """seq_lens: int [B] -> the fewest tokens a query head retrieves (int64 [B])."""
         return torch.full_like(seq_lens.long(), self.min_tokens) if self.top_p else self.tokens(seq_lens)

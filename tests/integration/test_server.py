@@ -78,6 +78,23 @@ def test_long_prompts_answer_as_often_as_dense_and_attend_a_fraction(a2ats, dens
     assert shares and min(shares) < 25.0  # sinks + window + 3 % budget of ~2K tokens, per KV head
 
 
+def test_top_p_budget_answers_long_prompts_as_often_as_dense_and_attends_less(default_model_dir, dense):
+    """The adaptive budget served: each query head keeps the fewest best tokens reaching
+    p of its estimated softmax mass. It answers the planted facts as often as dense, and
+    the per-head counts really follow the scores: the attended share is below everything
+    yet differs from the fixed budget's."""
+    from a2ats_sglang.harness.server import launch_server
+
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-top-p", "0.9"]) as srv:
+        right = planted_facts_answered(srv)
+        log = srv.log()
+    assert "top-p 0.9" in log  # the backend's start line states the budget it serves
+    want = planted_facts_answered(dense)
+    assert want >= PLANTED_FACTS_FLOOR and right >= want, (right, want)
+    shares = [float(m) for m in re.findall(r"a2ats decode batch: .* attended ([\d.]+)% of context", log)]
+    assert shares and max(shares) < 90.0, shares
+
+
 def test_missing_codebooks_stop_the_server_at_start(default_model_dir, tmp_path):
     code, out = run_server_expecting_failure(default_model_dir, "a2ats", ["--a2ats-codebook", str(tmp_path / "none.safetensors")])
     assert code != 0 and "codebooks file not found" in out
