@@ -23,7 +23,6 @@ context), written to ``retrieval_quality_top_p.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -31,6 +30,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from offload_memory import write_results
 
 from a2ats_sglang.core import retrieval
 from a2ats_sglang.calibration.calibrate import FitSettings, collect, fit
@@ -154,15 +154,7 @@ def main(argv=None):
     scale = shape.head_dim ** -0.5
 
     def vq(book, distances, li):
-        lcb = LayerCodebook.build(book.centroids[li], book.whiten[li], "cpu")
-
-        def score(c):
-            codes = lcb.encode(c["k_pre"].transpose(0, 1)).transpose(0, 1)  # [Hkv, L]
-            q_rot = rope.rotate(c["q_pre"].unsqueeze(2).expand(-1, -1, len(distances), -1), torch.tensor(distances, dtype=torch.float32))
-            lut = retrieval.lookup_table(q_rot, lcb.centroids, scale)
-            return retrieval.approx_scores(lut, codes.unsqueeze(0).expand(len(c["positions"]), -1, -1), c["seq_lens"],
-                                           retrieval.distance_bounds(distances), 0, 0)
-        return score
+        return vq_scorer(book, distances, li, rope, scale)
 
     def unq(distances):
         return lambda c: wrope_scores(c["q_pre"], c["k_pre"], c["positions"], rope, distances, c["group"])
@@ -205,13 +197,23 @@ def main(argv=None):
                       "|---|" + "---|" * len(BUDGETS)]
             for name, per_b in res.items():
                 lines.append(f"| {name} | " + " | ".join(f"{per_b[b][idx]:.3f}" for b in budgets) + " |")
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "retrieval_quality.md").write_text(table + "\n")
-    (args.out / "retrieval_quality.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    write_results(args.out, "retrieval_quality", "\n".join(lines), {str(k): v for k, v in results.items()})
     plot(results, args.out / "retrieval_quality.png")
     print(f"[bench] done in {time.time() - t0:.0f}s; wrote {args.out}/retrieval_quality.{{md,json,png}}")
+
+
+def vq_scorer(book, distances, li, rope, scale):
+    """Scores as served: keys encoded with ``book``'s layer ``li``, queries rotated to ``distances``, the LUT."""
+    lcb = LayerCodebook.build(book.centroids[li], book.whiten[li], "cpu")
+
+    def score(c):
+        codes = lcb.encode(c["k_pre"].transpose(0, 1)).transpose(0, 1)  # [Hkv, L]
+        q_rot = rope.rotate(c["q_pre"].unsqueeze(2).expand(-1, -1, len(distances), -1),
+                            torch.tensor(distances, dtype=torch.float32))
+        lut = retrieval.lookup_table(q_rot, lcb.centroids, scale)
+        return retrieval.approx_scores(lut, codes.unsqueeze(0).expand(len(c["positions"]), -1, -1), c["seq_lens"],
+                                       retrieval.distance_bounds(distances), 0, 0)
+    return score
 
 
 def accumulate(acc: dict, res: dict) -> None:
@@ -243,17 +245,7 @@ def compare_top_p(model_path, args, t0):
         cap = run_documents(model, [ids], keep_v=True)
         acc = {}
         for li in range(shape.num_layers):
-            lcb = LayerCodebook.build(books.centroids[li], books.whiten[li], "cpu")
-
-            def served(c, lcb=lcb):
-                codes = lcb.encode(c["k_pre"].transpose(0, 1)).transpose(0, 1)  # [Hkv, L]
-                q_rot = rope.rotate(c["q_pre"].unsqueeze(2).expand(-1, -1, len(distances), -1),
-                                    torch.tensor(distances, dtype=torch.float32))
-                lut = retrieval.lookup_table(q_rot, lcb.centroids, scale)
-                return retrieval.approx_scores(lut, codes.unsqueeze(0).expand(len(c["positions"]), -1, -1),
-                                               c["seq_lens"], retrieval.distance_bounds(distances), 0, 0)
-
-            methods = {"__positions__": args.positions, "served codebooks": served}
+            methods = {"__positions__": args.positions, "served codebooks": vq_scorer(books, distances, li, rope, scale)}
             accumulate(acc, evaluate_layer(cap.q[li][0], cap.k[li][0], cap.v[li][0], rope, scale, methods, args.sinks,
                                            args.window, budgets))
         results[length] = means(acc)["served codebooks"]
@@ -267,11 +259,7 @@ def compare_top_p(model_path, args, t0):
     for label in budgets:
         lines.append(f"| {label} | " + " | ".join(
             f"{res[label][2]:.3f} | {res[label][0]:.3f} | {res[label][1]:.3f}" for res in results.values()) + " |")
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "retrieval_quality_top_p.md").write_text(table + "\n")
-    (args.out / "retrieval_quality_top_p.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    write_results(args.out, "retrieval_quality_top_p", "\n".join(lines), {str(k): v for k, v in results.items()})
     plot_top_p(results, args.out / "retrieval_quality_top_p.png")
     print(f"[bench] done in {time.time() - t0:.0f}s")
 

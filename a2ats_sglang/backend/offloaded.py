@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import atexit
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,7 +45,6 @@ class OffloadDecodeMetadata:
     window_rows: torch.Tensor
     new_rows: torch.Tensor
     buffers: DecodeBuffers
-    recorded: bool = field(default=False)
 
 
 @dataclass
@@ -127,6 +126,7 @@ class Offload:
             batch.slots.shape[0], self.q_heads, self.planner.num_kv_heads, self.pool.head_dim, self.pool.v_head_dim,
             window.shape[-1], batch.slots.device, self.retriever.lut_shape)
         rotation = None if batch.plan is None else self.retriever.rotation(batch.positions)
+        self.stats.batch(batch)
         return OffloadDecodeMetadata(batch, selection, rotation, window, self.resident.rows(req, batch.positions),
                                      buffers)
 
@@ -194,9 +194,7 @@ class Offload:
         if remote and self.worker is not None:
             self.worker.submit(lid, q3.float(), host, scale, cap)
         self.kernels.attend(q3, self.resident.k[lid], self.resident.v[lid], meta.window_rows, scale, cap, buffers)
-        if not meta.recorded:
-            self.stats.record((host >= 0).sum() + (meta.window_rows >= 0).sum(), batch, hkv)
-            meta.recorded = True
+        self.stats.record((host >= 0).sum() + (meta.window_rows >= 0).sum(), batch, hkv)
         out = buffers.out
         if remote:
             o_host, lse_host = self._host_part(q3, lid, host, scale, cap)

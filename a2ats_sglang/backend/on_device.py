@@ -8,7 +8,7 @@ attends it exactly over the pool.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
@@ -21,14 +21,12 @@ class OnDeviceDecodeMetadata:
     """A sparse decode batch. batch: the planner's :class:`DecodeBatch`; rotation: its
     queries' WRoPE rotation; selection: per KV head sinks + window (everything, for a
     request its budget covers), then each layer's retrieved slots; buffers: the kernels'
-    LUT, output and workspaces; recorded: the attended share has been counted for this
-    batch."""
+    LUT, output and workspaces."""
 
     batch: DecodeBatch
     rotation: WRoPERotation
     selection: SelectionBuffer
     buffers: DecodeBuffers
-    recorded: bool = field(default=False)
 
 
 class OnDevice:
@@ -55,6 +53,7 @@ class OnDevice:
         buffers = self.retriever.kernels.buffers(
             batch.slots.shape[0], self.q_heads, self.planner.num_kv_heads, self.head_dim, self.v_head_dim,
             selection.slots.shape[-1], batch.slots.device, self.retriever.lut_shape)
+        self.stats.batch(batch)
         return OnDeviceDecodeMetadata(batch, self.retriever.rotation(batch.positions), selection, buffers)
 
     def forward_extend(self, q, k, v, layer, forward_batch, meta, save_kv_cache=True, **kwargs):
@@ -76,9 +75,7 @@ class OnDevice:
         self.retriever.decode(lid, q3, meta.rotation, layer.scaling, batch.slots, batch.plan, meta.selection.slots,
                               meta.selection.fixed_width, self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid),
                               cap, buffers)
-        if not meta.recorded:
-            self.stats.record((meta.selection.slots >= 0).sum(), batch, layer.tp_k_head_num)
-            meta.recorded = True
+        self.stats.record((meta.selection.slots >= 0).sum(), batch, layer.tp_k_head_num)
         return buffers.out.view(q3.shape[0], -1).to(q.dtype)
 
     def support_triton(self):

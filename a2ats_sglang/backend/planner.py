@@ -36,6 +36,11 @@ class DecodeBatch:
     plan: SelectionPlan | None
 
     @property
+    def context_tokens(self) -> int:
+        """Tokens in the batch's sequences (host lengths)."""
+        return int(self.seq_lens_cpu.sum())
+
+    @property
     def inside_host(self) -> torch.Tensor:
         """bool [B, L] on the host: positions inside each sequence."""
         return torch.arange(self.slots.shape[1]) < self.seq_lens_cpu.view(-1, 1)
@@ -93,31 +98,36 @@ class DecodePlanner:
 
 
 class AttendedShare:
-    """The share of context token-heads that sparse decode batches attend, counted on the
-    device (no sync on the hot path) and logged every ``interval`` batches."""
+    """The share of context token-heads that sparse decode layers attend, over every sparse
+    layer of every sparse decode batch (layers differ under an adaptive budget), counted on
+    the device (no sync on the hot path) and logged every ``interval`` batches."""
 
     def __init__(self, interval: int, device):
         self.interval = max(1, interval)
         self.batches = 0
-        self.context = 0  # token-heads, from host lengths
+        self.context = 0  # token-heads over the layers recorded, from host lengths
         self._attended = torch.zeros((), dtype=torch.int64, device=device)
         self._at_last_log = (0, 0)
 
     def record(self, attended: torch.Tensor, batch: DecodeBatch, kv_heads: int) -> None:
-        """``attended``: int64 0-d device tensor, the token-heads one layer of ``batch`` attends."""
+        """One sparse layer of ``batch``: ``attended`` int64 0-d device tensor, the token-heads it attends."""
         self._attended += attended
-        self.context += int(batch.seq_lens_cpu.sum()) * kv_heads
+        self.context += batch.context_tokens * kv_heads
+
+    def batch(self, batch: DecodeBatch) -> None:
+        """A sparse decode batch begins: every ``interval`` batches, log the share attended since the last line."""
         self.batches += 1
-        if self.batches % self.interval == 0:
-            attended = int(self._attended)  # one sync per log line
-            since = (attended - self._at_last_log[0], self.context - self._at_last_log[1])
-            self._at_last_log = (attended, self.context)
-            logger.info("a2ats decode batch: #req %d, context %d tokens (longest %d), attended %.1f%% of context "
-                        "(%.1f%% since start)", len(batch.seq_lens_cpu), int(batch.seq_lens_cpu.sum()),
-                        int(batch.seq_lens_cpu.max()), 100.0 * since[0] / max(1, since[1]),
-                        100.0 * attended / max(1, self.context))
+        if self.batches % self.interval or self.context == self._at_last_log[1]:
+            return
+        attended = int(self._attended)  # one sync per log line
+        since = (attended - self._at_last_log[0], self.context - self._at_last_log[1])
+        self._at_last_log = (attended, self.context)
+        lens = batch.seq_lens_cpu
+        logger.info("a2ats decode batch: #req %d, context %d tokens (longest %d); the sparse layers since the last "
+                    "line attended %.1f%% of context (%.1f%% since start)", len(lens), int(lens.sum()),
+                    int(lens.max()), 100.0 * since[0] / since[1], 100.0 * attended / self.context)
 
     @property
     def share(self) -> float:
-        """Attended share over all sparse decode batches so far (syncs: not for the hot path)."""
+        """Attended share over all sparse layers so far (syncs: not for the hot path)."""
         return int(self._attended) / max(1, self.context)

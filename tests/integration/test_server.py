@@ -92,7 +92,7 @@ def test_top_p_budget_answers_long_prompts_as_often_as_dense_and_attends_less(de
     want = planted_facts_answered(dense)
     assert want >= PLANTED_FACTS_FLOOR and right >= want, (right, want)
     shares = [float(m) for m in re.findall(r"a2ats decode batch: .* attended ([\d.]+)% of context", log)]
-    assert shares and max(shares) < 90.0, shares
+    assert shares and max(shares) < 60.0, shares  # ~30 % over all layers at p = 0.9 on these prompts
 
 
 def test_missing_codebooks_stop_the_server_at_start(default_model_dir, tmp_path):

@@ -287,3 +287,23 @@ def test_offload_extend_is_exact_and_fills_the_resident_windows(env, monkeypatch
             assert sorted(decode[decode >= 0].tolist()) == sorted(rows.tolist())
     finally:
         offload.close()
+
+
+def test_attended_share_counts_every_sparse_layer(caplog):
+    """Layers differ under an adaptive budget: the share is over every recorded layer, and a
+    log line reports the batches since the previous one (none before anything was recorded)."""
+    import logging
+
+    from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch
+
+    lens = torch.tensor([100, 300])
+    batch = DecodeBatch(lens, lens, lens - 1, torch.zeros(2, 300, dtype=torch.int64), None)
+    stats = AttendedShare(1, "cpu")
+    with caplog.at_level(logging.INFO, logger="a2ats_sglang.backend.planner"):
+        stats.batch(batch)  # nothing recorded yet: no line
+        stats.record(torch.tensor(400), batch, 2)  # layer 0: 50 % of 800 token-heads
+        stats.record(torch.tensor(80), batch, 2)  # layer 1: 10 %
+        stats.batch(batch)
+    assert stats.share == pytest.approx(0.3)
+    lines = [r.getMessage() for r in caplog.records if "a2ats decode batch" in r.getMessage()]
+    assert len(lines) == 1 and "attended 30.0% of context" in lines[0]
