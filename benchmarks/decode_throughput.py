@@ -27,10 +27,12 @@ import re
 import statistics
 import time
 from datetime import date
+from functools import lru_cache
 from pathlib import Path
 
 import requests
 
+from a2ats_sglang.core.codebook import ModelShape
 from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
 from a2ats_sglang.harness.server import launch_server, on_cpu, stream_token_times
 from a2ats_sglang.calibration.texts import long_text
@@ -79,19 +81,23 @@ def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):
     return rows, shares
 
 
-def step_floor_ms(model: str, length: int, batch: int, share: float, copy_gb_s: float, codes: bool) -> float:
-    """ms one decode step must take at ``copy_gb_s``: the weights once, and per request the K/V
-    of ``share`` of its context (in the served dtype) plus, with ``codes``, a 2-byte code per
-    token and KV head."""
+@lru_cache(maxsize=None)
+def model_bytes(model: str) -> tuple[int, int, int]:
+    """(weights, K/V bytes per token in float32 as served on CPU, code bytes per token) of ``model``."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model)
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
     weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 4  # K and V, float32 on CPU
-    kv = batch * length * share * per_token
-    code_bytes = batch * length * cfg.num_hidden_layers * cfg.num_key_value_heads * 2 if codes else 0
-    return 1e3 * (weights + kv + code_bytes) / (copy_gb_s * 1e9)
+    heads = shape.num_layers * shape.num_kv_heads
+    return weights, heads * shape.head_dim * 2 * 4, heads * 2
+
+
+def step_floor_ms(model: str, length: int, batch: int, share: float, copy_gb_s: float, codes: bool) -> float:
+    """ms one decode step must take at ``copy_gb_s``: the weights once, and per request the K/V
+    of ``share`` of its context plus, with ``codes``, a 2-byte code per token and KV head."""
+    weights, kv_per_token, code_per_token = model_bytes(model)
+    tokens = batch * length
+    return 1e3 * (weights + tokens * share * kv_per_token + (tokens * code_per_token if codes else 0)) / (copy_gb_s * 1e9)
 
 
 def span(xs) -> str:

@@ -47,16 +47,6 @@ def sparse_attention_cpu(q, k_buf, v_buf, slots, scale: float, logit_cap: float,
     extension().sparse_attention(q, k_buf, v_buf, slots, float(scale), float(logit_cap), out, lse)
 
 
-def retrieve_cpu(lut, codes_buf, slots, plan, bounds, out) -> None:
-    """One layer's retrieved slots into ``out`` int64 [B, Hkv, R] (ascending position, -1
-    padded; last dim contiguous, any row stride; R >= the largest GQA union) from lut f32
-    [B, Hq, NB, C] contiguous, codes_buf int16 [N, Hkv], slots int64 [B, L] contiguous, the
-    batch's :class:`~a2ats_sglang.core.retrieval.SelectionPlan` and the WRoPE bucket
-    bounds f32 [NB-1]."""
-    extension().retrieve(lut, codes_buf, slots, plan.seq_lens, plan.k, plan.top_p, plan.min_tokens, bounds,
-                         plan.sinks, plan.window, out)
-
-
 def _layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot, lut):
     return (q, rotation.cos, rotation.sin, rotation.rope.neox, centroids, float(scale), codes_buf, slots, plan.seq_lens,
             plan.k, plan.top_p, plan.min_tokens, bounds, plan.sinks, plan.window, q32, q_rot, lut)
@@ -64,9 +54,13 @@ def _layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q
 
 def retrieve_layer_cpu(q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, q32, q_rot, lut,
                        out) -> None:
-    """:func:`retrieve_cpu` with the WRoPE rotation and the lookup table in the same native
-    call: q [B, Hq, D] post-RoPE (f32/bf16/f16); rotation: the batch's
+    """One layer's retrieved slots into ``out`` int64 [B, Hkv, R] (ascending position, -1
+    padded; last dim contiguous, any row stride; R >= the largest GQA union), with the WRoPE
+    rotation, the lookup table and the histogram selection in one native call: q [B, Hq, D]
+    post-RoPE (f32/bf16/f16); rotation: the batch's
     :class:`~a2ats_sglang.core.retrieval.WRoPERotation`; centroids f32 [Hkv, C, D];
+    codes_buf int16 [N, Hkv]; slots int64 [B, L] contiguous; the batch's
+    :class:`~a2ats_sglang.core.retrieval.SelectionPlan`; the WRoPE bucket bounds f32 [NB-1];
     workspaces q32 f32 [B, Hq, D], q_rot f32 [B, Hq, NB, D], lut f32 [B, Hq, NB, C] (the
     layer's lookup table afterwards)."""
     extension().retrieve_layer(*_layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot,

@@ -174,13 +174,13 @@ std::pair<uint32_t, A> radix_threshold(const uint32_t* keys, const W* weight, st
 // Adaptive budget of one query head (row: its LUT, f32 [NB * C]): the fewest best tokens whose mass
 // count * exp(s - max) (float64) reaches top_p of the total, clamped to [least, most]; the same count as
 // the torch reference's token-level cumulative sum (a cell's tokens share one weight).
-int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, const int32_t* count, uint32_t* keys,
-                     std::vector<double>& mass, std::vector<int32_t>& cand, std::vector<int32_t>& next, double top_p,
-                     int64_t least, int64_t most) {
+// keys: ordered(row[c]) of the non-empty cells.
+int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, const int32_t* count,
+                     const uint32_t* keys, std::vector<double>& mass, std::vector<int32_t>& cand,
+                     std::vector<int32_t>& next, double top_p, int64_t least, int64_t most) {
   double mx = -std::numeric_limits<double>::infinity(), total = 0.0;
   for (int32_t c : nonempty) mx = std::max(mx, static_cast<double>(row[c]));
   for (int32_t c : nonempty) {
-    keys[c] = ordered(row[c]);
     mass[c] = count[c] * std::exp(static_cast<double>(row[c]) - mx);
     total += mass[c];
   }
@@ -248,10 +248,10 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
     int64_t need[64];
     for (int64_t g = 0; g < sel.G; ++g) {
       const float* row = sel.lut + (b * sel.Hq + h * sel.G + g) * NC;
+      for (int32_t c : s.nonempty) keys[c] = ordered(row[c]);
       const int64_t want = sel.top_p > 0.0 ? top_p_tokens(row, s.nonempty, count, keys, s.mass, s.cand, s.next,
                                                           sel.top_p, std::min(sel.min_tokens, top), top)
                                             : top;
-      for (int32_t c : s.nonempty) keys[c] = ordered(row[c]);
       s.cand = s.nonempty;
       const auto [threshold, above] = radix_threshold(keys, count, s.cand, s.next, want);
       need[g] = want - above;

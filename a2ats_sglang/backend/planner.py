@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -35,9 +36,9 @@ class DecodeBatch:
     slots: torch.Tensor
     plan: SelectionPlan | None
 
-    @property
+    @cached_property
     def context_tokens(self) -> int:
-        """Tokens in the batch's sequences (host lengths)."""
+        """Tokens in the batch's sequences (host lengths; summed once, read by every layer)."""
         return int(self.seq_lens_cpu.sum())
 
     @property

@@ -77,12 +77,6 @@ class RopeSpec:
         out[..., rd:] = x[..., rd:].float()
         return out.to(x.dtype)
 
-    def rerotate(self, x: torch.Tensor, from_pos, to_pos) -> torch.Tensor:
-        """``rotate(unrotate(x, from_pos), to_pos)`` as one rotation by ``to_pos - from_pos``
-        (rotations compose; the magnitude factors cancel but once; float32 result)."""
-        delta = torch.as_tensor(to_pos, dtype=torch.float32, device=x.device) - from_pos
-        return self.apply(x, *self.cos_sin(delta))
-
     def to(self, device) -> "RopeSpec":
         """The same rotation with its frequencies on ``device`` (no copy per call there)."""
         return RopeSpec(self.inv_freq.to(device), self.head_dim, self.neox, self.mscale)
