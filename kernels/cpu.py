@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-SOURCES = ("cpu_bindings.cpp", "cpu_sparse_attention.cpp", "cpu_select.cpp", "cpu_decode.cpp")
+SOURCES = ("cpu_bindings.cpp", "cpu_sparse_attention.cpp", "cpu_select.cpp", "cpu_decode.cpp", "cpu_encode.cpp")
 
 
 @lru_cache(maxsize=1)
@@ -36,6 +36,14 @@ def extension():
     if ext is None:
         raise RuntimeError(f"a2ats: the C++ CPU kernels cannot be built here ({reason})")
     return ext
+
+
+def encode_keys_cpu(k_pre, enc_rows, enc_bias, loc, codes_buf) -> None:
+    """Codes of pre-RoPE keys k_pre [T, Hkv, D] (any float dtype) stored at physical slots loc
+    int64 [T] of codes_buf int16 [N, Hkv]: the nearest centroid in the whitened space,
+    argmax_c (enc_rows [Hkv, C, D] . k + enc_bias [Hkv, C]) (f32, contiguous), as
+    :meth:`a2ats_sglang.core.codebook.LayerCodebook.encode`."""
+    extension().encode_keys(k_pre.float().contiguous(), enc_rows, enc_bias, loc.long().contiguous(), codes_buf)
 
 
 def sparse_attention_cpu(q, k_buf, v_buf, slots, scale: float, logit_cap: float, out, lse) -> None:

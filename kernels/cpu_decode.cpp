@@ -3,6 +3,7 @@
 // attention over the batch's selection buffer (cpu_sparse_attention.cpp). Every tensor is caller-owned
 // and allocated once per decode batch; nothing here allocates tensor storage.
 #include "cpu_kernels.h"
+#include "cpu_vec.h"
 
 namespace {
 
@@ -42,22 +43,25 @@ void rotate_queries(const torch::Tensor& q, const torch::Tensor& cos, const torc
     }
 }
 
-// lut f32 [B, Hq, NB, C] = q_rot . centroids [Hkv, C, D]: one GEMM per request (query heads of a KV head
-// and their distances as the rows), written in place.
+// lut f32 [B, Hq, NB, C] = q_rot . centroids [Hkv, C, D]: per (request, KV head), the rows of its query
+// heads at every distance against the KV head's centroids, by blocked dot products (row_dots), written in
+// place; threads only when the table is large (a library GEMM call per request cost more than it computes
+// at decode sizes, and woke its thread team for each).
 void lookup_table(const torch::Tensor& q_rot, const torch::Tensor& centroids, torch::Tensor& lut) {
-  TORCH_CHECK(centroids.dim() == 3 && centroids.scalar_type() == torch::kFloat, "centroids must be f32 [Hkv, C, D]");
+  TORCH_CHECK(centroids.dim() == 3 && centroids.scalar_type() == torch::kFloat && centroids.is_contiguous(),
+              "centroids must be contiguous f32 [Hkv, C, D]");
   TORCH_CHECK(lut.dim() == 4 && lut.scalar_type() == torch::kFloat && lut.is_contiguous(),
               "lut must be contiguous f32 [B, Hq, NB, C]");
   const int64_t B = lut.size(0), Hkv = centroids.size(0), C = centroids.size(1), D = centroids.size(2);
-  TORCH_CHECK(lut.size(3) == C && lut.size(1) % Hkv == 0, "lut and centroids disagree");
-  const int64_t rows = lut.size(1) / Hkv * lut.size(2);
-  const auto grouped = lut.view({B, Hkv, rows, C});
-  const auto q = q_rot.view({B, Hkv, rows, D});
-  const auto cent_t = centroids.transpose(1, 2);
-  for (int64_t b = 0; b < B; ++b) {
-    auto dst = grouped.select(0, b);
-    at::bmm_out(dst, q.select(0, b), cent_t);
-  }
+  TORCH_CHECK(lut.size(3) == C && lut.size(1) % Hkv == 0 && q_rot.size(-1) == D, "lut and centroids disagree");
+  const int64_t rows = lut.size(1) / Hkv * lut.size(2);  // query heads of a KV head x distances
+  const float* q = q_rot.data_ptr<float>();
+  const float* w = centroids.data_ptr<float>();
+  float* out = lut.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, a2ats::grain(rows * C * D), [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh)
+      a2ats::row_dots(q + bh * rows * D, w + (bh % Hkv) * C * D, rows, C, D, out + bh * rows * C, C);
+  });
 }
 
 }  // namespace

@@ -2,6 +2,12 @@
 #pragma once
 #include <torch/extension.h>
 
+// What one token of one KV head costs the selection, in multiply-adds (~8 ns per token and KV head,
+// measured): its share of a2ats::kSerialWork.
+constexpr int64_t kSelectTokenWork = 25;
+
+void encode_keys(torch::Tensor k_pre, torch::Tensor enc_rows, torch::Tensor enc_bias, torch::Tensor loc,
+                 torch::Tensor codes);
 void sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, double scale,
                       double cap, torch::Tensor out, torch::Tensor lse);
 void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,

@@ -3,10 +3,11 @@
 //
 // Two algorithms with one result. retrieve_hist_cpu (served): a token's score is one LUT
 // cell (distance bucket x code), so it counts tokens per cell, finds each query head's
-// threshold by a radix select over the cells' scores weighted by their counts (O(cells),
-// not O(tokens)), and emits the union in one streaming pass over the codes with a
-// per-cell bitmask of the heads that take the cell whole; the boundary cells (score equal
-// to a head's threshold) give their earliest tokens, as many as that head still needs.
+// threshold by a radix select over the cells' scores weighted by their counts, with digits
+// fitted to the scores' range (O(cells), not O(tokens)), and emits the union in one
+// streaming pass over the codes with a per-cell bitmask of the heads that take the cell
+// whole; the boundary cells (score equal to a head's threshold) give their earliest
+// tokens, as many as that head still needs.
 // retrieve_topk_cpu (the earlier kernel, kept as the benchmarks' baseline and a second
 // oracle): per head, an int64 key per token and nth_element.
 //
@@ -17,7 +18,7 @@
 // fixed part is the whole sequence). Output: the retrieved physical slots in ascending
 // position order, -1 padded.
 #include "cpu_kernels.h"
-#include <ATen/Parallel.h>
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <atomic>
@@ -75,15 +76,20 @@ struct Selection {
     out = out_.data_ptr<int64_t>();
   }
 
-  // The LUT cell (distance bucket x C + code) of positions [lo, hi) of request b for KV head h.
-  template <typename Cell, typename Visit>
+  // Visits the LUT cell (distance bucket x C + code) of positions [lo, hi) of request b for KV head h, in
+  // position order. Position j is at distance n - 1 - j, in bucket #{bounds <= distance}; distances fall as
+  // positions rise, so each bucket is a run of positions, the one above bound B starting at distance ceil(B)
+  // (exact for distances below 2^24).
+  template <typename Visit>
   void cells(int64_t b, int64_t h, int64_t n, int64_t lo, int64_t hi, Visit visit) const {
-    int64_t bucket = 0;  // distances fall as positions rise: walk the buckets down
-    for (int64_t bkt = 0; bkt < NB - 1; ++bkt) bucket += static_cast<float>(n - 1 - lo) >= bounds[bkt];
-    for (int64_t j = lo; j < hi; ++j) {
-      const float dist = static_cast<float>(n - 1 - j);
-      while (bucket > 0 && dist < bounds[bucket - 1]) --bucket;
-      visit(j - lo, static_cast<Cell>(bucket * C + codes[slots[b * L + j] * code_row + h * code_head]));
+    const int64_t* sl = slots + b * L;
+    const int16_t* col = codes + h * code_head;
+    int64_t j = lo;
+    for (int64_t bucket = NB - 1; bucket >= 0 && j < hi; --bucket) {
+      const int64_t nearest = bucket == 0 ? 0 : static_cast<int64_t>(std::ceil(bounds[bucket - 1]));
+      const int64_t end = std::min(hi, n - nearest);
+      const int32_t base = static_cast<int32_t>(bucket * C);
+      for (; j < end; ++j) visit(j - lo, base + col[sl[j] * code_row]);
     }
   }
 
@@ -94,7 +100,7 @@ struct Selection {
   template <typename Select>
   void run(Select select) const {
     std::atomic<int64_t> overflow{0};
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * Hkv, a2ats::grain(L * kSelectTokenWork), [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hkv, h = bh % Hkv, n = std::min(lens[b], L), top = k[b];
         const int64_t least = top_p > 0.0 ? std::min(min_tokens, top) : top;
@@ -130,45 +136,57 @@ inline uint32_t ordered(float x) {  // float32 -> uint32 with the same order
 }
 
 // One thread's working memory for retrieve_hist_cpu, kept between calls: per cell (NC = NB * C) the token
-// count, its key under the current head, the heads taking it whole / at their threshold (bitmasks) and a
-// head's mass; per token its cell; the cell lists of the threshold search.
+// count, its key under the current head, whether some head takes it whole (kWhole) or cuts it at its
+// threshold (kTie), the heads that cut it (bitmask) and a head's mass; per token its cell; the cell lists of
+// the threshold search.
 struct HistScratch {
   std::vector<int32_t> cell, count, nonempty, cand, next;
   std::vector<uint32_t> keys;
-  std::vector<uint64_t> whole, tie;
+  std::vector<uint8_t> flag;
+  std::vector<uint64_t> tie;
   std::vector<double> mass;
 
   void reserve(int64_t cells, int64_t tokens) {
     if (static_cast<int64_t>(count.size()) < cells)
-      count.assign(cells, 0), keys.resize(cells), whole.assign(cells, 0), tie.assign(cells, 0), mass.resize(cells);
+      count.assign(cells, 0), keys.resize(cells), flag.assign(cells, 0), tie.assign(cells, 0), mass.resize(cells);
     if (static_cast<int64_t>(cell.size()) < tokens) cell.resize(tokens);
   }
 };
+constexpr uint8_t kWhole = 1, kTie = 2;
+
+constexpr int kBinBits = 11;  // radix digit of select_threshold: 2^11 bins per level
 
 // The threshold of the cells in `cells` by their keys, largest first, weighted by weight[c] (token counts,
-// or a head's estimated softmax mass): the key t with (weight of keys > t) < want <= (weight of keys >= t),
-// by four 8-bit radix passes (O(cells)). Returns t and the weight above it; leaves the cells of key t in
-// `cells`.
-template <typename W, typename A>
-std::pair<uint32_t, A> radix_threshold(const uint32_t* keys, const W* weight, std::vector<int32_t>& cells,
-                                       std::vector<int32_t>& next, A want) {
-  uint32_t prefix = 0;
-  A above = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    A hist[256] = {0};
-    for (int32_t c : cells) hist[(keys[c] >> shift) & 0xFF] += weight[c];
-    int byte = 255;
-    for (; byte > 0; --byte) {
-      if (above + hist[byte] >= want) break;
-      above += hist[byte];
+// or a head's estimated softmax mass): the key t with (weight of keys > t) < want <= (weight of keys >= t).
+// A radix select whose digits adapt to the keys' range: each level bins [min, max] of the remaining keys
+// into 2^kBinBits and keeps the bin where `want` is reached (one head's scores share sign and exponent,
+// so fixed bytes of the key would split little). Calls above(c) for every cell whose key is > t; returns t
+// and the weight above it, and leaves the cells of key t in `cells`.
+template <typename W, typename A, typename Above>
+std::pair<uint32_t, A> select_threshold(const uint32_t* keys, const W* weight, std::vector<int32_t>& cells,
+                                        std::vector<int32_t>& next, A want, Above above) {
+  A above_weight = 0;
+  for (;;) {
+    uint32_t lo = std::numeric_limits<uint32_t>::max(), hi = 0;
+    for (int32_t c : cells) lo = std::min(lo, keys[c]), hi = std::max(hi, keys[c]);
+    if (lo >= hi) return {lo, above_weight};  // one key left: the threshold
+    const int shift = std::max(0, 32 - __builtin_clz(hi - lo) - kBinBits);
+    A hist[1 << kBinBits] = {0};
+    for (int32_t c : cells) hist[(keys[c] - lo) >> shift] += weight[c];
+    uint32_t bin = (hi - lo) >> shift;
+    for (; bin > 0; --bin) {
+      if (above_weight + hist[bin] >= want) break;
+      above_weight += hist[bin];
     }
-    prefix |= static_cast<uint32_t>(byte) << shift;
     next.clear();
-    for (int32_t c : cells)
-      if (((keys[c] >> shift) & 0xFF) == static_cast<uint32_t>(byte)) next.push_back(c);
+    for (int32_t c : cells) {
+      const uint32_t at = (keys[c] - lo) >> shift;
+      if (at > bin) above(c);
+      else if (at == bin) next.push_back(c);
+    }
     cells.swap(next);
+    if (shift == 0) return {lo + bin, above_weight};
   }
-  return {prefix, above};
 }
 
 // Adaptive budget of one query head (row: its LUT, f32 [NB * C]): the fewest best tokens whose mass
@@ -186,7 +204,7 @@ int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, con
   }
   cand = nonempty;
   const double target = top_p * total;
-  const auto [threshold, above_mass] = radix_threshold(keys, mass.data(), cand, next, target);
+  const auto [threshold, above_mass] = select_threshold(keys, mass.data(), cand, next, target, [](int32_t) {});
   int64_t above = 0, at = 0;
   for (int32_t c : nonempty) {
     if (keys[c] > threshold) above += count[c];
@@ -203,10 +221,11 @@ void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
                        torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
   const Selection sel(lut, codes, slots, seq_lens, k, 0.0, 0, bounds, sinks, window, out);  // fixed budgets only
   sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, auto emit) {
-    thread_local std::vector<int64_t> base, keys;  // base: LUT column of each scorable position
+    thread_local std::vector<int32_t> base;  // LUT column of each scorable position
+    thread_local std::vector<int64_t> keys;
     thread_local std::vector<uint8_t> hit;
     base.resize(m);
-    sel.cells<int64_t>(b, h, n, lo, lo + m, [&](int64_t i, int64_t c) { base[i] = c; });
+    sel.cells(b, h, n, lo, lo + m, [&](int64_t i, int32_t c) { base[i] = c; });
     hit.assign(m, 0);
     keys.resize(m);
     for (int64_t g = 0; g < sel.G; ++g) {
@@ -227,23 +246,23 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
   TORCH_CHECK(sel.G <= 64, "at most 64 query heads per KV head");
   const int64_t NC = sel.NB * sel.C;
   sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t top, auto emit) {
-    // per-cell state, zero between uses: only the cells a request touches are written and cleared,
-    // so a short context with many cells (e.g. 8 distances x 4096 codes) costs O(its tokens). Fetched
-    // once per task: a thread_local named in the loops costs a TLS lookup per use in a shared library.
+    // per-cell state, zero between uses (only the cells a request touches are cleared). Fetched once per
+    // task: a thread_local named in the loops costs a TLS lookup per use in a shared library.
     thread_local HistScratch scratch;
     HistScratch& s = scratch;
     s.reserve(NC, m);
     int32_t* const cell = s.cell.data();
     int32_t* const count = s.count.data();
-    uint64_t* const whole = s.whole.data();
+    uint8_t* const flag = s.flag.data();
     uint64_t* const tie = s.tie.data();
     uint32_t* const keys = s.keys.data();
-    // 1. each scorable token's cell, and the tokens per cell
+    // 1. each scorable token's cell, the tokens per cell, the cells that hold any (a scan of the NC cells:
+    // the lookup table already costs O(NC x D) per query head)
+    sel.cells(b, h, n, lo, lo + m, [&](int64_t i, int32_t c) { cell[i] = c; });
+    for (int64_t i = 0; i < m; ++i) ++count[cell[i]];
     s.nonempty.clear();
-    sel.cells<int32_t>(b, h, n, lo, lo + m, [&](int64_t i, int32_t c) {
-      cell[i] = c;
-      if (count[c]++ == 0) s.nonempty.push_back(c);
-    });
+    for (int32_t c = 0; c < NC; ++c)
+      if (count[c]) s.nonempty.push_back(c);
     // 2. each query head's threshold over the cells: whole cells above it, a tie group at it
     int64_t need[64];
     for (int64_t g = 0; g < sel.G; ++g) {
@@ -253,27 +272,26 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
                                                           sel.top_p, std::min(sel.min_tokens, top), top)
                                             : top;
       s.cand = s.nonempty;
-      const auto [threshold, above] = radix_threshold(keys, count, s.cand, s.next, want);
-      need[g] = want - above;
-      const uint64_t bit = uint64_t{1} << g;
-      for (int32_t c : s.nonempty) {
-        if (keys[c] > threshold) whole[c] |= bit;
-        else if (keys[c] == threshold) tie[c] |= bit;
-      }
+      need[g] = want - select_threshold(keys, count, s.cand, s.next, want, [&](int32_t c) { flag[c] |= kWhole; }).second;
+      for (int32_t c : s.cand) tie[c] |= uint64_t{1} << g, flag[c] |= kTie;  // the cells at the threshold
     }
     // 3. one pass in position order: the union, ties to the earlier position
     for (int64_t i = 0; i < m; ++i) {
       const int32_t c = cell[i];
-      bool take = whole[c] != 0;
-      for (uint64_t t = tie[c]; t; t &= t - 1) {
-        const int g = __builtin_ctzll(t);
-        if (need[g] > 0) {
-          --need[g];
-          take = true;
+      const uint8_t f = flag[c];
+      if (!f) continue;
+      bool take = f & kWhole;
+      if (f & kTie) {
+        for (uint64_t t = tie[c]; t; t &= t - 1) {
+          const int g = __builtin_ctzll(t);
+          if (need[g] > 0) {
+            --need[g];
+            take = true;
+          }
         }
       }
       if (take) emit(i);
     }
-    for (int32_t c : s.nonempty) count[c] = 0, whole[c] = 0, tie[c] = 0;
+    for (int32_t c : s.nonempty) count[c] = 0, flag[c] = 0, tie[c] = 0;
   });
 }

@@ -11,7 +11,7 @@
 // while the current one is computed. Partial results of the chunks merge by
 // log-sum-exp. Parallel with ATen's thread pool.
 #include "cpu_kernels.h"
-#include <ATen/Parallel.h>
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <cstring>
@@ -22,38 +22,10 @@
 
 namespace {
 
-// One vector register of floats: 16 lanes with AVX-512, else 8 (AVX2). A block has one row per lane, so
-// that the block's G x lanes accumulators and a query slice fit the 16 or 32 vector registers.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float vec __attribute__((vector_size(4 * kLanes)));
-typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+using namespace a2ats;
 
-constexpr int64_t kBlock = kLanes;  // rows scored together (block_dots: one per lane)
 constexpr int64_t kChunk = 256;     // rows per work item
 constexpr int64_t kLine = 64;       // cache line bytes
-
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-inline vec loadv(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// Dot products of one K row with the G query rows (each D long), written to s[g * stride]
-// (the path for a head dim that is not a multiple of the lanes).
-inline void dots(const float* __restrict q, const float* __restrict k, int64_t G, int64_t D, float* s, int64_t stride) {
-  for (int64_t g = 0; g < G; ++g) s[g * stride] = dot(q + g * D, k, D);
-}
 
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
   if (n % kLanes == 0) {
@@ -65,50 +37,6 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
   }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// Horizontal sums of kLanes vectors at once: lane r of the result is the sum of p[r]'s lanes, by levels of
-// pairwise "transpose and add" (kLanes - 1 shuffle pairs instead of kLanes reductions).
-inline vec hsum_block(vec* p) {
-#if defined(__AVX512F__)
-  vec c[8], e[4], f[2];
-  for (int j = 0; j < 8; ++j)
-    c[j] = __builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(p[2 * j], p[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int j = 0; j < 4; ++j)
-    e[j] = __builtin_shufflevector(c[2 * j], c[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(c[2 * j], c[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int j = 0; j < 2; ++j)
-    f[j] = __builtin_shufflevector(e[2 * j], e[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(e[2 * j], e[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(f[0], f[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(f[0], f[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#else
-  vec e[4], f[2];
-  for (int j = 0; j < 4; ++j)
-    e[j] = __builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-           __builtin_shufflevector(p[2 * j], p[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-  for (int j = 0; j < 2; ++j)
-    f[j] = __builtin_shufflevector(e[2 * j], e[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
-           __builtin_shufflevector(e[2 * j], e[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-  return __builtin_shufflevector(f[0], f[1], 0, 2, 4, 6, 8, 10, 12, 14) +
-         __builtin_shufflevector(f[0], f[1], 1, 3, 5, 7, 9, 11, 13, 15);
-#endif
-}
-
-// Scores of a full block: s[g * kBlock + r] = q_g . k_r for the G query rows (D % kLanes == 0).
-inline void block_dots(const float* __restrict q, const float* const* k, int64_t G, int64_t D, float* s) {
-  for (int64_t g = 0; g < G; ++g) {
-    const float* qg = q + g * D;
-    vec p[kBlock];
-    for (int r = 0; r < kBlock; ++r) p[r] = vec{};
-    for (int64_t d = 0; d < D; d += kLanes) {
-      const vec qd = loadv(qg + d);
-      for (int r = 0; r < kBlock; ++r) p[r] += qd * loadv(k[r] + d);
-    }
-    const vec out = hsum_block(p);
-    std::memcpy(s + g * kBlock, &out, sizeof(out));
-  }
 }
 
 // exp of every lane (float32; Cephes' polynomial on the reduced argument, ~2 ulp; exp(-inf) = 0): the
@@ -173,15 +101,17 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t chunks = std::max<int64_t>(1, (S + kChunk - 1) / kChunk);
   const int64_t part = G * (Dv + 2);  // per chunk: acc [G, Dv], max [G], sum [G]
-  std::vector<float> parts(B * Hkv * chunks * part);
+  thread_local std::vector<float> scratch;  // the chunks' partial results, kept between calls (no allocation per layer)
+  if (scratch.size() < static_cast<size_t>(B * Hkv * chunks * part)) scratch.resize(B * Hkv * chunks * part);
+  float* const parts = scratch.data();
 
-  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv * chunks, grain(kChunk * G * (D + Dv)), [&](int64_t begin, int64_t end) {
     std::vector<float> qs(G * D), s(G * kBlock), kbuf(kBlock * D), vbuf(kBlock * Dv), zeros(D);
     const float* krow[kBlock];
     const T* vrow[kBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / chunks, c = item % chunks, b = bh / Hkv, h = bh % Hkv;
-      float* acc = parts.data() + item * part;
+      float* acc = parts + item * part;
       float* m = acc + G * Dv;
       float* l = m + G;
       std::fill(acc, acc + G * Dv, 0.f);
@@ -241,7 +171,7 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
   });
 
   // Merge the chunks of each (request, KV head) by log-sum-exp.
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv, grain(chunks * G * Dv), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv;
       for (int64_t g = 0; g < G; ++g) {
@@ -252,7 +182,7 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
         float total = 0.f;
         if (mx > neg_inf) {
           for (int64_t c = 0; c < chunks; ++c) {
-            const float* p = parts.data() + (bh * chunks + c) * part;
+            const float* p = parts + (bh * chunks + c) * part;
             const float w = std::exp(p[G * Dv + g] - mx);  // 0 for an empty chunk (max = -inf)
             if (w == 0.f) continue;
             total += w * p[G * Dv + G + g];

@@ -1,9 +1,11 @@
-"""Which implementation runs a decode layer's retrieval and sparse attention, chosen once.
+"""Which implementation encodes new keys and runs a decode layer's retrieval and sparse
+attention, chosen once.
 
-Three implementations of the same two contracts (:func:`a2ats_sglang.core.retrieval`'s
-selection and :func:`a2ats_sglang.core.attention.sparse_attention`): the torch
-references, the C++ CPU kernels (:mod:`.cpu`) and the Triton kernels (:mod:`.score`,
-:mod:`.sparse_decode`). ``--a2ats-kernel`` asks for one; the one fallback rule: only
+Three implementations of the same contracts (:meth:`a2ats_sglang.core.codebook.LayerCodebook.encode`,
+:func:`a2ats_sglang.core.retrieval`'s selection and
+:func:`a2ats_sglang.core.attention.sparse_attention`): the torch references, the C++ CPU
+kernels (:mod:`.cpu`) and the Triton kernels (:mod:`.retrieve`, :mod:`.sparse_decode`;
+keys are encoded by the torch reference there). ``--a2ats-kernel`` asks for one; the one fallback rule: only
 ``auto`` falls back, to the torch references, when the device has no kernel of ours
 or the C++ kernels cannot be built here; an explicit request that cannot be met stops
 the start. Every call writes into buffers its caller allocated once per decode batch.
@@ -90,6 +92,17 @@ class KernelChoice:
             q_rot = None if lut_shape is None else torch.empty(b, hq, lut_shape[0], d, **f32)
             return DecodeBuffers(out, lse, lut, torch.empty(b, hq, d, **f32), q_rot)
         return DecodeBuffers(out, lse, lut)
+
+    def encode(self, books, k_pre, codes_buf, loc) -> None:
+        """Store the codes of pre-RoPE keys k_pre [T, Hkv, D] at physical slots loc int64 [T]
+        of codes_buf int16 [N, Hkv] (one layer's), with ``books`` the layer's
+        :class:`~a2ats_sglang.core.codebook.LayerCodebook`."""
+        if self.impl is Impl.CPP:
+            from a2ats_sglang.kernels.cpu import encode_keys_cpu
+
+            encode_keys_cpu(k_pre, books.enc_rows, books.enc_bias, loc, codes_buf)
+        else:
+            codes_buf[loc] = books.encode(k_pre)
 
     def retrieve(self, q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, out,
                  buffers: DecodeBuffers) -> None:

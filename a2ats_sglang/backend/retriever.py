@@ -46,7 +46,7 @@ class Retriever:
         """Store the codes of new keys k [T, Hkv * D] (post-RoPE at ``positions`` int64 [T])
         at physical slots ``loc`` int64 [T]."""
         k_pre = self.rope.unrotate(k.view(k.shape[0], self.kv_heads, -1), positions.view(-1, 1))
-        self.codes[layer_id, loc] = self.layers[layer_id].encode(k_pre)
+        self.kernels.encode(self.layers[layer_id], k_pre, self.codes[layer_id], loc)
 
     def retrieve(self, layer_id: int, q: torch.Tensor, rotation: WRoPERotation, scale: float, slots: torch.Tensor,
                  plan: SelectionPlan, out: torch.Tensor, buffers: DecodeBuffers) -> None:

@@ -178,11 +178,11 @@ def load_for_model_runner(model_runner, path: str = "") -> tuple[Codebooks, Rope
 class LayerCodebook:
     """One layer's codebooks on the serving device, with the encoder precomputed.
 
-    centroids: [Hkv, C, D] (LUT GEMM); enc_weight: [Hkv, D, C] = L z^T; enc_bias: [Hkv, C] = -|z|^2/2,
-    so ``code(k) = argmax_c (k @ enc_weight + enc_bias)``."""
+    centroids: [Hkv, C, D] (LUT GEMM); enc_rows: [Hkv, C, D] = z L^T (one row per code); enc_bias:
+    [Hkv, C] = -|z|^2/2, so ``code(k) = argmax_c (enc_rows[c] . k + enc_bias[c])``."""
 
     centroids: torch.Tensor
-    enc_weight: torch.Tensor
+    enc_rows: torch.Tensor
     enc_bias: torch.Tensor
 
     @classmethod
@@ -190,11 +190,11 @@ class LayerCodebook:
         z = centroids.float() @ whiten.float()
         return cls(
             centroids=centroids.to(device=device, dtype=dtype).contiguous(),
-            enc_weight=(whiten.float() @ z.transpose(1, 2)).to(device).contiguous(),
+            enc_rows=(z @ whiten.float().transpose(1, 2)).to(device).contiguous(),
             enc_bias=(-0.5 * z.pow(2).sum(-1)).to(device).contiguous(),
         )
 
     def encode(self, k_pre: torch.Tensor) -> torch.Tensor:
         """k_pre: [T, Hkv, D] -> codes int16 [T, Hkv]."""
-        s = torch.einsum("thd,hdc->thc", k_pre.float(), self.enc_weight) + self.enc_bias
+        s = torch.einsum("thd,hcd->thc", k_pre.float(), self.enc_rows) + self.enc_bias
         return s.argmax(-1).to(torch.int16)

@@ -167,15 +167,68 @@ def test_retrieve_kernels_match_torch(impl, hq, hkv, nb, twins, budget):
 
 
 @needs_cpp
-def test_cpu_kernel_chunks_merge_with_holes_and_empty_chunks():
-    """Long selections are split into chunks attended in parallel and merged by
-    log-sum-exp: padding anywhere, including a whole empty chunk, changes nothing."""
+@pytest.mark.parametrize("rows", [900, "parallel"])
+def test_cpu_kernel_chunks_merge_with_holes_and_empty_chunks(rows):
+    """Long selections are split into chunks of 256 rows (attended in parallel once the work
+    passes the kernels' serial threshold) and merged by log-sum-exp: padding anywhere,
+    including a whole empty chunk, changes nothing."""
+    if rows == "parallel":  # 4x the threshold: the chunks run on the thread pool
+        rows = 4 * cpu.extension().serial_work // (2 * 2 * 4 * 128)
     k_buf, v_buf = torch.randn(3000, 2, 64), torch.randn(3000, 2, 64)
     q = torch.randn(2, 8, 64)
-    slots = torch.randint(0, 3000, (2, 2, 900))
+    slots = torch.randint(0, 3000, (2, 2, rows))
     slots[torch.rand(slots.shape) < 0.1] = -1  # holes
     slots[1, 0, 256:600] = -1  # a whole chunk and more empty
     want_o, want_l = attention.sparse_attention(q, k_buf, v_buf, slots, 0.1)
     got_o, got_l = attend(Impl.CPP, q, k_buf, v_buf, slots, 0.1)
     torch.testing.assert_close(got_o, want_o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_l, want_l, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 40])  # vector path, and a head dim off the lanes
+@pytest.mark.parametrize("tokens", [1, 37, "parallel"])
+@needs_cpp
+def test_cpu_encoder_matches_reference(dtype, d, tokens):
+    """The C++ key encoder stores at each key's slot the code the torch encoder assigns
+    (nearest centroid in the whitened space), for one decode token, a ragged block of keys,
+    and enough keys to run on the thread pool; other slots keep their codes."""
+    from a2ats_sglang.core.codebook import LayerCodebook
+
+    hkv, c = 3, 100
+    if tokens == "parallel":
+        tokens = 4 * cpu.extension().serial_work // (c * d) + 5
+    a = torch.randn(hkv, d, d) / d ** 0.5
+    books = LayerCodebook.build(torch.randn(hkv, c, d), torch.linalg.cholesky(torch.eye(d) + a @ a.transpose(1, 2)), "cpu")
+    k_pre = torch.randn(tokens, hkv, d).to(dtype)
+    loc = torch.randperm(2 * tokens)[:tokens]
+    want = torch.full((2 * tokens, hkv), -7, dtype=torch.int16)
+    want[loc] = books.encode(k_pre)
+    got = torch.full_like(want, -7)
+    KernelChoice(Impl.CPP, "test").encode(books, k_pre, got, loc)
+    assert torch.equal(got, want)
+
+
+@needs_cpp
+def test_cpp_retrieval_on_the_thread_pool_matches_torch():
+    """Contexts long enough that the C++ selection runs on the thread pool select exactly
+    the torch reference's slots from the same lookup table."""
+    from a2ats_sglang.core.rope import RopeSpec
+
+    hq, hkv, d, c, nb = 8, 2, 32, 64, 4
+    length = 2 * cpu.extension().serial_work // (cpu.extension().select_token_work * hkv) + 100
+    seq_lens = torch.tensor([length, length - 1000, 40, length - 7])
+    slots = torch.randperm(4 * length).view(4, length)
+    codes_buf = torch.randint(0, c, (4 * length, hkv), dtype=torch.int16)
+    dist = retrieval.wrope_distances(nb, lo=16, hi=4096)
+    rope = RopeSpec(1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), d)
+    rotation = retrieval.WRoPERotation.build(rope, seq_lens - 1, torch.tensor(dist, dtype=torch.float32))
+    plan = retrieval.SelectionPlan.build(seq_lens, retrieval.Budget(0.03, 8, 1 << 30, 0.0), 4, 16)
+    width = (hq // hkv) * plan.kmax
+    kernels = KernelChoice(Impl.CPP, "test")
+    buffers = kernels.buffers(4, hq, hkv, d, d, width, "cpu", (nb, c))
+    out = torch.full((4, hkv, width), 7, dtype=torch.int64)
+    bounds = retrieval.distance_bounds(dist)
+    kernels.retrieve(torch.randn(4, hq, d), rotation, torch.randn(hkv, c, d), d ** -0.5, codes_buf, slots, plan, bounds,
+                     out, buffers)
+    assert torch.equal(out, reference_selection(buffers.lut, codes_buf, slots, plan, bounds, hkv, width))
