@@ -94,7 +94,8 @@ struct Selection {
   }
 
   // Runs select(b, h, n, lo, m, top, emit) for every (request, KV head) with tokens to retrieve (top: the
-  // most any head takes, <= m); emit(i) must be called in ascending i for each retrieved position lo + i.
+  // most any head takes, <= m); emit(i, take) must be called in ascending i, take true for each retrieved
+  // position lo + i (it writes without a branch: a slot that is not taken is overwritten or padded).
   // Fills the rest with -1. A request is covered (nothing to retrieve) when its least count + sinks +
   // window reach its length.
   template <typename Select>
@@ -108,9 +109,11 @@ struct Selection {
         int64_t* row = out + b * out_b + h * out_h;
         int64_t written = 0;
         if (least + sinks + window < lens[b] && hi > lo && top > 0) {  // else covered by the fixed part, or nothing to score
-          select(b, h, n, lo, hi - lo, std::min(top, hi - lo), [&](int64_t i) {
-            if (written < R) row[written] = slots[b * L + lo + i];
-            ++written;
+          const int64_t* sl = slots + b * L + lo;
+          int64_t spill;  // where the writes go once the row is full (an overflow, reported below)
+          select(b, h, n, lo, hi - lo, std::min(top, hi - lo), [&](int64_t i, bool take) {
+            *(written < R ? row + written : &spill) = sl[i];
+            written += take;
           });
         }
         if (written > R) overflow.store(written);
@@ -234,8 +237,7 @@ void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
       std::nth_element(keys.begin(), keys.begin() + (want - 1), keys.end(), std::greater<int64_t>());
       for (int64_t i = 0; i < want; ++i) hit[0xFFFFFFFFLL - (keys[i] & 0xFFFFFFFFLL) - lo] = 1;
     }
-    for (int64_t i = 0; i < m; ++i)
-      if (hit[i]) emit(i);
+    for (int64_t i = 0; i < m; ++i) emit(i, hit[i]);
   });
 }
 
@@ -258,8 +260,7 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
     uint32_t* const keys = s.keys.data();
     // 1. each scorable token's cell, the tokens per cell, the cells that hold any (a scan of the NC cells:
     // the lookup table already costs O(NC x D) per query head)
-    sel.cells(b, h, n, lo, lo + m, [&](int64_t i, int32_t c) { cell[i] = c; });
-    for (int64_t i = 0; i < m; ++i) ++count[cell[i]];
+    sel.cells(b, h, n, lo, lo + m, [&](int64_t i, int32_t c) { cell[i] = c, ++count[c]; });
     s.nonempty.clear();
     for (int32_t c = 0; c < NC; ++c)
       if (count[c]) s.nonempty.push_back(c);
@@ -279,9 +280,8 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
     for (int64_t i = 0; i < m; ++i) {
       const int32_t c = cell[i];
       const uint8_t f = flag[c];
-      if (!f) continue;
       bool take = f & kWhole;
-      if (f & kTie) {
+      if (f & kTie) [[unlikely]] {
         for (uint64_t t = tie[c]; t; t &= t - 1) {
           const int g = __builtin_ctzll(t);
           if (need[g] > 0) {
@@ -290,7 +290,7 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
           }
         }
       }
-      if (take) emit(i);
+      emit(i, take);
     }
     for (int32_t c : s.nonempty) count[c] = 0, flag[c] = 0, tie[c] = 0;
   });
