@@ -93,11 +93,10 @@ struct Selection {
     }
   }
 
-  // Runs select(b, h, n, lo, m, top, emit) for every (request, KV head) with tokens to retrieve (top: the
-  // most any head takes, <= m); emit(i, take) must be called in ascending i, take true for each retrieved
-  // position lo + i (it writes without a branch: a slot that is not taken is overwritten or padded).
-  // Fills the rest with -1. A request is covered (nothing to retrieve) when its least count + sinks +
-  // window reach its length.
+  // Runs select(b, h, n, lo, m, top, compact) for every (request, KV head) with tokens to retrieve (top: the
+  // most any head takes, <= m); select calls compact(take) once, take(i) true for each retrieved position
+  // lo + i. Fills the rest with -1. A request is covered (nothing to retrieve) when its least count +
+  // sinks + window reach its length.
   template <typename Select>
   void run(Select select) const {
     std::atomic<int64_t> overflow{0};
@@ -106,21 +105,32 @@ struct Selection {
         const int64_t b = bh / Hkv, h = bh % Hkv, n = std::min(lens[b], L), top = k[b];
         const int64_t least = top_p > 0.0 ? std::min(min_tokens, top) : top;
         const int64_t lo = sinks, hi = n - window;
-        int64_t* row = out + b * out_b + h * out_h;
+        int64_t* const row = out + b * out_b + h * out_h;
         int64_t written = 0;
         if (least + sinks + window < lens[b] && hi > lo && top > 0) {  // else covered by the fixed part, or nothing to score
-          const int64_t* sl = slots + b * L + lo;
-          int64_t spill;  // where the writes go once the row is full (an overflow, reported below)
-          select(b, h, n, lo, hi - lo, std::min(top, hi - lo), [&](int64_t i, bool take) {
-            *(written < R ? row + written : &spill) = sl[i];
-            written += take;
-          });
+          const int64_t* const sl = slots + b * L + lo;
+          const int64_t m = hi - lo;
+          select(b, h, n, lo, m, std::min(top, m), [&](auto take) { written = compact(sl, m, row, R, take); });
         }
         if (written > R) overflow.store(written);
         std::fill(row + std::min(written, R), row + R, -1);
       }
     });
     TORCH_CHECK(overflow.load() == 0, "retrieved ", overflow.load(), " slots for one KV head, more than the capacity ", R);
+  }
+
+  // The slots sl[i] of the positions i < m with take(i), in order, into row[0:R) without a branch per
+  // position (every slot is written, the count advances by the take bit, writes past a full row go to a
+  // spill word); returns how many were taken (> R: an overflow).
+  template <typename Take>
+  static int64_t compact(const int64_t* sl, int64_t m, int64_t* row, int64_t R, Take take) {
+    int64_t written = 0, spill;
+    for (int64_t i = 0; i < m; ++i) {
+      const bool t = take(i);
+      *(written < R ? row + written : &spill) = sl[i];
+      written += t;
+    }
+    return written;
   }
 };
 
@@ -163,15 +173,15 @@ constexpr int kBinBits = 11;  // radix digit of select_threshold: 2^11 bins per 
 // or a head's estimated softmax mass): the key t with (weight of keys > t) < want <= (weight of keys >= t).
 // A radix select whose digits adapt to the keys' range: each level bins [min, max] of the remaining keys
 // into 2^kBinBits and keeps the bin where `want` is reached (one head's scores share sign and exponent,
-// so fixed bytes of the key would split little). Calls above(c) for every cell whose key is > t; returns t
-// and the weight above it, and leaves the cells of key t in `cells`.
+// so fixed bytes of the key would split little); `range`: the min and max key of `cells`, found by the
+// caller as it wrote the keys. Calls above(c) for every cell whose key is > t; returns t and the weight
+// above it, and leaves the cells of key t in `cells`.
 template <typename W, typename A, typename Above>
 std::pair<uint32_t, A> select_threshold(const uint32_t* keys, const W* weight, std::vector<int32_t>& cells,
-                                        std::vector<int32_t>& next, A want, Above above) {
+                                        std::vector<int32_t>& next, std::pair<uint32_t, uint32_t> range, A want,
+                                        Above above) {
   A above_weight = 0;
-  for (;;) {
-    uint32_t lo = std::numeric_limits<uint32_t>::max(), hi = 0;
-    for (int32_t c : cells) lo = std::min(lo, keys[c]), hi = std::max(hi, keys[c]);
+  for (auto [lo, hi] = range;;) {
     if (lo >= hi) return {lo, above_weight};  // one key left: the threshold
     const int shift = std::max(0, 32 - __builtin_clz(hi - lo) - kBinBits);
     A hist[1 << kBinBits] = {0};
@@ -182,13 +192,19 @@ std::pair<uint32_t, A> select_threshold(const uint32_t* keys, const W* weight, s
       above_weight += hist[bin];
     }
     next.clear();
+    uint32_t next_lo = std::numeric_limits<uint32_t>::max(), next_hi = 0;
     for (int32_t c : cells) {
       const uint32_t at = (keys[c] - lo) >> shift;
-      if (at > bin) above(c);
-      else if (at == bin) next.push_back(c);
+      if (at > bin) {
+        above(c);
+      } else if (at == bin) {
+        next.push_back(c);
+        next_lo = std::min(next_lo, keys[c]), next_hi = std::max(next_hi, keys[c]);
+      }
     }
     cells.swap(next);
     if (shift == 0) return {lo + bin, above_weight};
+    lo = next_lo, hi = next_hi;
   }
 }
 
@@ -197,8 +213,9 @@ std::pair<uint32_t, A> select_threshold(const uint32_t* keys, const W* weight, s
 // the torch reference's token-level cumulative sum (a cell's tokens share one weight).
 // keys: ordered(row[c]) of the non-empty cells.
 int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, const int32_t* count,
-                     const uint32_t* keys, std::vector<double>& mass, std::vector<int32_t>& cand,
-                     std::vector<int32_t>& next, double top_p, int64_t least, int64_t most) {
+                     const uint32_t* keys, std::pair<uint32_t, uint32_t> range, std::vector<double>& mass,
+                     std::vector<int32_t>& cand, std::vector<int32_t>& next, double top_p, int64_t least,
+                     int64_t most) {
   double mx = -std::numeric_limits<double>::infinity(), total = 0.0;
   for (int32_t c : nonempty) mx = std::max(mx, static_cast<double>(row[c]));
   for (int32_t c : nonempty) {
@@ -207,7 +224,7 @@ int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, con
   }
   cand = nonempty;
   const double target = top_p * total;
-  const auto [threshold, above_mass] = select_threshold(keys, mass.data(), cand, next, target, [](int32_t) {});
+  const auto [threshold, above_mass] = select_threshold(keys, mass.data(), cand, next, range, target, [](int32_t) {});
   int64_t above = 0, at = 0;
   for (int32_t c : nonempty) {
     if (keys[c] > threshold) above += count[c];
@@ -223,7 +240,7 @@ int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, con
 void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
                        torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
   const Selection sel(lut, codes, slots, seq_lens, k, 0.0, 0, bounds, sinks, window, out);  // fixed budgets only
-  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, auto emit) {
+  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, auto compact) {
     thread_local std::vector<int32_t> base;  // LUT column of each scorable position
     thread_local std::vector<int64_t> keys;
     thread_local std::vector<uint8_t> hit;
@@ -237,7 +254,8 @@ void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
       std::nth_element(keys.begin(), keys.begin() + (want - 1), keys.end(), std::greater<int64_t>());
       for (int64_t i = 0; i < want; ++i) hit[0xFFFFFFFFLL - (keys[i] & 0xFFFFFFFFLL) - lo] = 1;
     }
-    for (int64_t i = 0; i < m; ++i) emit(i, hit[i]);
+    const uint8_t* const taken = hit.data();
+    compact([taken](int64_t i) { return taken[i] != 0; });
   });
 }
 
@@ -247,7 +265,7 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
   const Selection sel(lut, codes, slots, seq_lens, k, top_p, min_tokens, bounds, sinks, window, out);
   TORCH_CHECK(sel.G <= 64, "at most 64 query heads per KV head");
   const int64_t NC = sel.NB * sel.C;
-  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t top, auto emit) {
+  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t top, auto compact) {
     // per-cell state, zero between uses (only the cells a request touches are cleared). Fetched once per
     // task: a thread_local named in the loops costs a TLS lookup per use in a shared library.
     thread_local HistScratch scratch;
@@ -268,16 +286,21 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
     int64_t need[64];
     for (int64_t g = 0; g < sel.G; ++g) {
       const float* row = sel.lut + (b * sel.Hq + h * sel.G + g) * NC;
-      for (int32_t c : s.nonempty) keys[c] = ordered(row[c]);
-      const int64_t want = sel.top_p > 0.0 ? top_p_tokens(row, s.nonempty, count, keys, s.mass, s.cand, s.next,
+      std::pair<uint32_t, uint32_t> range{std::numeric_limits<uint32_t>::max(), 0};
+      for (int32_t c : s.nonempty) {
+        const uint32_t key = ordered(row[c]);
+        keys[c] = key;
+        range = {std::min(range.first, key), std::max(range.second, key)};
+      }
+      const int64_t want = sel.top_p > 0.0 ? top_p_tokens(row, s.nonempty, count, keys, range, s.mass, s.cand, s.next,
                                                           sel.top_p, std::min(sel.min_tokens, top), top)
                                             : top;
       s.cand = s.nonempty;
-      need[g] = want - select_threshold(keys, count, s.cand, s.next, want, [&](int32_t c) { flag[c] |= kWhole; }).second;
+      need[g] = want - select_threshold(keys, count, s.cand, s.next, range, want, [&](int32_t c) { flag[c] |= kWhole; }).second;
       for (int32_t c : s.cand) tie[c] |= uint64_t{1} << g, flag[c] |= kTie;  // the cells at the threshold
     }
     // 3. one pass in position order: the union, ties to the earlier position
-    for (int64_t i = 0; i < m; ++i) {
+    compact([cell, flag, tie, &need](int64_t i) {
       const int32_t c = cell[i];
       const uint8_t f = flag[c];
       bool take = f & kWhole;
@@ -290,8 +313,8 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
           }
         }
       }
-      emit(i, take);
-    }
+      return take;
+    });
     for (int32_t c : s.nonempty) count[c] = 0, flag[c] = 0, tie[c] = 0;
   });
 }

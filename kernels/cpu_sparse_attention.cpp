@@ -106,7 +106,8 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
   float* const parts = scratch.data();
 
   at::parallel_for(0, B * Hkv * chunks, grain(kChunk * G * (D + Dv)), [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(G * D), s(G * kBlock), kbuf(kBlock * D), vbuf(kBlock * Dv), zeros(D);
+    thread_local std::vector<float> qs, s, kbuf, vbuf, zeros;  // this thread's working rows, kept between calls
+    qs.resize(G * D), s.resize(G * kBlock), kbuf.resize(kBlock * D), vbuf.resize(kBlock * Dv), zeros.assign(D, 0.f);
     const float* krow[kBlock];
     const T* vrow[kBlock];
     for (int64_t item = begin; item < end; ++item) {
