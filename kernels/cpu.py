@@ -38,12 +38,14 @@ def extension():
     return ext
 
 
-def encode_keys_cpu(k_pre, enc_rows, enc_bias, loc, codes_buf) -> None:
-    """Codes of pre-RoPE keys k_pre [T, Hkv, D] (any float dtype) stored at physical slots loc
-    int64 [T] of codes_buf int16 [N, Hkv]: the nearest centroid in the whitened space,
-    argmax_c (enc_rows [Hkv, C, D] . k + enc_bias [Hkv, C]) (f32, contiguous), as
-    :meth:`a2ats_sglang.core.codebook.LayerCodebook.encode`."""
-    extension().encode_keys(k_pre.float().contiguous(), enc_rows, enc_bias, loc.long().contiguous(), codes_buf)
+def encode_keys_cpu(k, positions, rope, enc_rows, enc_bias, loc, codes_buf) -> None:
+    """Codes of post-RoPE keys k [T, Hkv, D] (any float dtype, last dim contiguous) at
+    ``positions`` int64 [T], stored at physical slots loc int64 [T] of codes_buf int16 [N, Hkv]:
+    un-rotated by ``rope`` (:meth:`a2ats_sglang.core.rope.RopeSpec.unrotate`), then the nearest
+    centroid in the whitened space, argmax_c (enc_rows [Hkv, C, D] . k + enc_bias [Hkv, C]) (f32,
+    contiguous), as :meth:`a2ats_sglang.core.codebook.LayerCodebook.encode`."""
+    extension().encode_keys(k.float(), positions.long().contiguous(), rope.inv_freq, rope.neox, float(rope.mscale),
+                            enc_rows, enc_bias, loc.long().contiguous(), codes_buf)
 
 
 def sparse_attention_cpu(q, k_buf, v_buf, slots, scale: float, logit_cap: float, out, lse) -> None:

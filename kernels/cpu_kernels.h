@@ -6,8 +6,8 @@
 // measured): its share of a2ats::kSerialWork.
 constexpr int64_t kSelectTokenWork = 25;
 
-void encode_keys(torch::Tensor k_pre, torch::Tensor enc_rows, torch::Tensor enc_bias, torch::Tensor loc,
-                 torch::Tensor codes);
+void encode_keys(torch::Tensor k, torch::Tensor positions, torch::Tensor inv_freq, bool neox, double mscale,
+                 torch::Tensor enc_rows, torch::Tensor enc_bias, torch::Tensor loc, torch::Tensor codes);
 void sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, double scale,
                       double cap, torch::Tensor out, torch::Tensor lse);
 void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,

@@ -93,16 +93,17 @@ class KernelChoice:
             return DecodeBuffers(out, lse, lut, torch.empty(b, hq, d, **f32), q_rot)
         return DecodeBuffers(out, lse, lut)
 
-    def encode(self, books, k_pre, codes_buf, loc) -> None:
-        """Store the codes of pre-RoPE keys k_pre [T, Hkv, D] at physical slots loc int64 [T]
-        of codes_buf int16 [N, Hkv] (one layer's), with ``books`` the layer's
-        :class:`~a2ats_sglang.core.codebook.LayerCodebook`."""
+    def encode(self, books, rope, k, positions, codes_buf, loc) -> None:
+        """Store the codes of post-RoPE keys k [T, Hkv, D] at ``positions`` int64 [T] in
+        physical slots loc int64 [T] of codes_buf int16 [N, Hkv] (one layer's): un-rotated by
+        ``rope`` (:class:`~a2ats_sglang.core.rope.RopeSpec`), encoded by ``books`` (the layer's
+        :class:`~a2ats_sglang.core.codebook.LayerCodebook`). One native call with the C++ kernels."""
         if self.impl is Impl.CPP:
             from a2ats_sglang.kernels.cpu import encode_keys_cpu
 
-            encode_keys_cpu(k_pre, books.enc_rows, books.enc_bias, loc, codes_buf)
+            encode_keys_cpu(k, positions, rope, books.enc_rows, books.enc_bias, loc, codes_buf)
         else:
-            codes_buf[loc] = books.encode(k_pre)
+            codes_buf[loc] = books.encode(rope.unrotate(k.float(), positions.view(-1, 1)))
 
     def retrieve(self, q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, out,
                  buffers: DecodeBuffers) -> None:

@@ -45,8 +45,8 @@ class Retriever:
     def encode(self, layer_id: int, k: torch.Tensor, positions: torch.Tensor, loc: torch.Tensor) -> None:
         """Store the codes of new keys k [T, Hkv * D] (post-RoPE at ``positions`` int64 [T])
         at physical slots ``loc`` int64 [T]."""
-        k_pre = self.rope.unrotate(k.view(k.shape[0], self.kv_heads, -1), positions.view(-1, 1))
-        self.kernels.encode(self.layers[layer_id], k_pre, self.codes[layer_id], loc)
+        self.kernels.encode(self.layers[layer_id], self.rope, k.view(k.shape[0], self.kv_heads, -1), positions,
+                            self.codes[layer_id], loc)
 
     def retrieve(self, layer_id: int, q: torch.Tensor, rotation: WRoPERotation, scale: float, slots: torch.Tensor,
                  plan: SelectionPlan, out: torch.Tensor, buffers: DecodeBuffers) -> None:

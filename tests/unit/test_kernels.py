@@ -186,27 +186,38 @@ def test_cpu_kernel_chunks_merge_with_holes_and_empty_chunks(rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d", [64, 40])  # vector path, and a head dim off the lanes
+@pytest.mark.parametrize("d,rotary,neox,mscale", [(64, 64, True, 1.0), (40, 24, False, 1.3)])  # off the lanes, partial
 @pytest.mark.parametrize("tokens", [1, 37, "parallel"])
 @needs_cpp
-def test_cpu_encoder_matches_reference(dtype, d, tokens):
-    """The C++ key encoder stores at each key's slot the code the torch encoder assigns
-    (nearest centroid in the whitened space), for one decode token, a ragged block of keys,
-    and enough keys to run on the thread pool; other slots keep their codes."""
+def test_cpu_encoder_matches_reference(dtype, d, rotary, neox, mscale, tokens):
+    """The C++ key encoder (un-rotation and nearest whitened centroid in one call) stores at
+    each key's slot the code of the torch path (RopeSpec.unrotate, then LayerCodebook.encode),
+    for one decode token, a ragged block of keys, and enough keys to run on the thread pool;
+    other slots keep their codes. The two compute cos/sin and the dot products in different
+    orders, so a code may differ only where its score ties the reference's to rounding."""
     from a2ats_sglang.core.codebook import LayerCodebook
+    from a2ats_sglang.core.rope import RopeSpec
 
     hkv, c = 3, 100
     if tokens == "parallel":
         tokens = 4 * cpu.extension().serial_work // (c * d) + 5
+    rope = RopeSpec(1.0 / 10000 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary), d, neox, mscale)
     a = torch.randn(hkv, d, d) / d ** 0.5
     books = LayerCodebook.build(torch.randn(hkv, c, d), torch.linalg.cholesky(torch.eye(d) + a @ a.transpose(1, 2)), "cpu")
-    k_pre = torch.randn(tokens, hkv, d).to(dtype)
+    positions = torch.randint(0, 20000, (tokens,))
+    k = rope.rotate(torch.randn(tokens, hkv, d), positions.view(-1, 1)).to(dtype)
     loc = torch.randperm(2 * tokens)[:tokens]
+    k_pre = rope.unrotate(k.float(), positions.view(-1, 1))  # keys un-rotated in float32 (both paths)
     want = torch.full((2 * tokens, hkv), -7, dtype=torch.int16)
     want[loc] = books.encode(k_pre)
     got = torch.full_like(want, -7)
-    KernelChoice(Impl.CPP, "test").encode(books, k_pre, got, loc)
-    assert torch.equal(got, want)
+    KernelChoice(Impl.CPP, "test").encode(books, rope, k, positions, got, loc)
+    assert ((got == -7).all(-1) == (want == -7).all(-1)).all()  # exactly the slots in loc written
+    scores = torch.einsum("thd,hcd->thc", k_pre.float(), books.enc_rows) + books.enc_bias
+    picked = scores.gather(-1, got[loc].long().unsqueeze(-1)).squeeze(-1)
+    best = scores.max(-1).values
+    assert torch.all(best - picked <= 1e-5 * best.abs().clamp_min(1.0))  # the nearest, up to rounding
+    assert (got == want).float().mean() > 0.99
 
 
 @needs_cpp
