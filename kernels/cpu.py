@@ -78,10 +78,11 @@ def retrieve_layer_cpu(q, rotation, centroids, scale: float, codes_buf, slots, p
 
 
 def decode_layer_cpu(q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, q32, q_rot, lut,
-                     selection, fixed_width: int, k_buf, v_buf, logit_cap: float, out, lse) -> None:
+                     selection, fixed_width: int, k_buf, v_buf, logit_cap: float, out, lse, attended) -> None:
     """A whole sparse decode layer in one native call: :func:`retrieve_layer_cpu` into
     ``selection[..., fixed_width:]`` (selection int64 [B, Hkv, F + R] contiguous, the
     batch's slots attended in every layer in front), then :func:`sparse_attention_cpu`
-    over the whole selection into out f32 [B, Hq, Dv] and lse f32 [B, Hq]."""
+    over the whole selection into out f32 [B, Hq, Dv] and lse f32 [B, Hq]; adds the number of
+    slots attended (selection >= 0) to ``attended`` int64 0-d."""
     extension().decode_layer(*_layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot,
-                                          lut), selection, fixed_width, k_buf, v_buf, float(logit_cap), out, lse)
+                                          lut), selection, fixed_width, k_buf, v_buf, float(logit_cap), out, lse, attended)

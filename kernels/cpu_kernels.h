@@ -24,4 +24,4 @@ void decode_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, boo
                       double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks, int64_t window,
                       torch::Tensor q32, torch::Tensor q_rot, torch::Tensor lut, torch::Tensor selection,
                       int64_t fixed_width, torch::Tensor k_buf, torch::Tensor v_buf, double cap, torch::Tensor out,
-                      torch::Tensor lse);
+                      torch::Tensor lse, torch::Tensor attended);

@@ -152,16 +152,19 @@ class KernelChoice:
             buffers.lse.copy_(lse)
 
     def decode(self, q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, selection,
-               fixed_width: int, k_buf, v_buf, logit_cap: float, buffers: DecodeBuffers) -> None:
+               fixed_width: int, k_buf, v_buf, logit_cap: float, buffers: DecodeBuffers, attended) -> None:
         """A sparse decode layer: :meth:`retrieve` into ``selection[..., fixed_width:]``
         (selection int64 [B, Hkv, F + R]: the slots attended in every layer in front), then
-        :meth:`attend` over the whole selection. One native call with the C++ kernels."""
+        :meth:`attend` over the whole selection; the number of slots attended is added to
+        ``attended`` (int64 0-d, in place). One native call with the C++ kernels."""
         if self.impl is Impl.CPP:
             from a2ats_sglang.kernels.cpu import decode_layer_cpu
 
             decode_layer_cpu(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, buffers.q32, buffers.q_rot,
-                             buffers.lut, selection, fixed_width, k_buf, v_buf, logit_cap, buffers.out, buffers.lse)
+                             buffers.lut, selection, fixed_width, k_buf, v_buf, logit_cap, buffers.out, buffers.lse,
+                             attended)
             return
         self.retrieve(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, selection[..., fixed_width:],
                       buffers)
         self.attend(q, k_buf, v_buf, selection, scale, logit_cap, buffers)
+        attended += (selection >= 0).sum()

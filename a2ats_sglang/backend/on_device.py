@@ -74,8 +74,8 @@ class OnDevice:
         cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
         self.retriever.decode(lid, q3, meta.rotation, layer.scaling, batch.slots, batch.plan, meta.selection.slots,
                               meta.selection.fixed_width, self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid),
-                              cap, buffers)
-        self.stats.record((meta.selection.slots >= 0).sum(), batch, layer.tp_k_head_num)
+                              cap, buffers, self.stats.attended)
+        self.stats.record(None, batch, layer.tp_k_head_num)
         return buffers.out.view(q3.shape[0], -1).to(q.dtype)
 
     def support_triton(self):

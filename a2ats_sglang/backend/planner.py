@@ -107,12 +107,15 @@ class AttendedShare:
         self.interval = max(1, interval)
         self.batches = 0
         self.context = 0  # token-heads over the layers recorded, from host lengths
-        self._attended = torch.zeros((), dtype=torch.int64, device=device)
+        self.attended = torch.zeros((), dtype=torch.int64, device=device)
+        """int64 0-d device tensor: the token-heads attended so far (a kernel may add to it in place)."""
         self._at_last_log = (0, 0)
 
-    def record(self, attended: torch.Tensor, batch: DecodeBatch, kv_heads: int) -> None:
-        """One sparse layer of ``batch``: ``attended`` int64 0-d device tensor, the token-heads it attends."""
-        self._attended += attended
+    def record(self, attended: torch.Tensor | None, batch: DecodeBatch, kv_heads: int) -> None:
+        """One sparse layer of ``batch``: ``attended`` int64 0-d device tensor, the token-heads it
+        attends (None: the layer's kernel already added them to :attr:`attended`)."""
+        if attended is not None:
+            self.attended += attended
         self.context += batch.context_tokens * kv_heads
 
     def batch(self, batch: DecodeBatch) -> None:
@@ -120,7 +123,7 @@ class AttendedShare:
         self.batches += 1
         if self.batches % self.interval or self.context == self._at_last_log[1]:
             return
-        attended = int(self._attended)  # one sync per log line
+        attended = int(self.attended)  # one sync per log line
         since = (attended - self._at_last_log[0], self.context - self._at_last_log[1])
         self._at_last_log = (attended, self.context)
         lens = batch.seq_lens_cpu
@@ -131,4 +134,4 @@ class AttendedShare:
     @property
     def share(self) -> float:
         """Attended share over all sparse layers so far (syncs: not for the hot path)."""
-        return int(self._attended) / max(1, self.context)
+        return int(self.attended) / max(1, self.context)
