@@ -111,11 +111,11 @@ def measure(shape: LayerShape, batch: int, length: int, rounds: int, copy_gb_s: 
         cpu.retrieve_layer_cpu(q, rotation, centroids, scale, codes, slots, plan, bounds, new_buf.q32, new_buf.q_rot,
                                new_buf.lut, new_sel[..., f:])
 
-    attended = torch.zeros((), dtype=torch.int64)
+    attended_count = torch.zeros((), dtype=torch.int64)  # the decode layer adds its attended slots here
 
     def new_layer():
         cpu.decode_layer_cpu(q, rotation, centroids, scale, codes, slots, plan, bounds, new_buf.q32, new_buf.q_rot,
-                             new_buf.lut, new_sel, f, k_buf, v_buf, 0.0, new_buf.out, new_buf.lse, attended)
+                             new_buf.lut, new_sel, f, k_buf, v_buf, 0.0, new_buf.out, new_buf.lse, attended_count)
 
     old_layer(), new_layer()
     torch.testing.assert_close(new_buf.lut, old_buf.lut, rtol=1e-4, atol=1e-4)

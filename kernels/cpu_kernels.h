@@ -2,8 +2,8 @@
 #pragma once
 #include <torch/extension.h>
 
-// What one token of one KV head costs the selection, in multiply-adds (~8 ns per token and KV head,
-// measured): its share of a2ats::kSerialWork.
+// What one token of one KV head costs the selection, counted in multiply-adds for a2ats::kSerialWork: 25 is
+// ~1-2 ns on one core, about what the reworked selection takes per token and KV head (BENCHMARKS.md §10).
 constexpr int64_t kSelectTokenWork = 25;
 
 void encode_keys(torch::Tensor k, torch::Tensor positions, torch::Tensor inv_freq, bool neox, double mscale,

@@ -5,8 +5,8 @@ Three implementations of the same contracts (:meth:`a2ats_sglang.core.codebook.L
 :func:`a2ats_sglang.core.retrieval`'s selection and
 :func:`a2ats_sglang.core.attention.sparse_attention`): the torch references, the C++ CPU
 kernels (:mod:`.cpu`) and the Triton kernels (:mod:`.retrieve`, :mod:`.sparse_decode`;
-keys are encoded by the torch reference there). ``--a2ats-kernel`` asks for one; the one fallback rule: only
-``auto`` falls back, to the torch references, when the device has no kernel of ours
+keys are encoded by the torch reference there). ``--a2ats-kernel`` asks for one; the one
+fallback rule: only ``auto`` falls back, to the torch references, when the device has no kernel of ours
 or the C++ kernels cannot be built here; an explicit request that cannot be met stops
 the start. Every call writes into buffers its caller allocated once per decode batch.
 """

@@ -137,7 +137,7 @@ def test_retrieve_kernels_match_torch(impl, hq, hkv, nb, twins, budget):
         return selection[..., fixed_width:].cpu(), buffers.lut.cpu(), retriever
 
     want, want_lut, retriever = run(KernelChoice(Impl.TORCH, "test"), "cpu")
-    got, lut, _ = run(KernelChoice(impl, "test"), dev)
+    got, lut, impl_retriever = run(KernelChoice(impl, "test"), dev)
     torch.testing.assert_close(lut, want_lut, rtol=1e-4, atol=1e-4)
     assert torch.equal(got, reference_selection(lut, codes_buf, slots, plan, retriever.bounds, hkv, width))
     if torch.equal(lut, want_lut):
@@ -151,15 +151,15 @@ def test_retrieve_kernels_match_torch(impl, hq, hkv, nb, twins, budget):
         baseline = torch.full_like(got, 7)
         cpu.extension().retrieve_topk(lut, codes_buf, slots, plan.seq_lens, plan.k, retriever.bounds, 4, 16, baseline)
         assert torch.equal(baseline, got)
-    # the fused decode layer: the same slots behind a fixed part, attended exactly
-    kernels = KernelChoice(Impl.CPP, "test")
+    # the fused decode layer (the C++ retriever's one native call): the same slots behind a fixed part,
+    # attended exactly
+    assert impl_retriever.kernels.impl is Impl.CPP
     k_buf, v_buf = torch.randn(n_slots, hkv, d).bfloat16(), torch.randn(n_slots, hkv, d).bfloat16()
     selection = torch.randint(0, n_slots, (4, hkv, fixed_width + width))
-    buffers = kernels.buffers(4, hq, hkv, d, d, selection.shape[-1], "cpu", retriever.lut_shape)
-    retriever.codes[0] = codes_buf
+    buffers = impl_retriever.kernels.buffers(4, hq, hkv, d, d, selection.shape[-1], "cpu", retriever.lut_shape)
     attended = torch.tensor(5)  # the layer adds the slots it attends
-    retriever.decode(0, q.bfloat16(), retriever.rotation(seq_lens - 1), d ** -0.5, slots, plan, selection, fixed_width,
-                     k_buf, v_buf, 0.0, buffers, attended)
+    impl_retriever.decode(0, q.bfloat16(), impl_retriever.rotation(seq_lens - 1), d ** -0.5, slots, plan, selection,
+                          fixed_width, k_buf, v_buf, 0.0, buffers, attended)
     got_bf16 = reference_selection(buffers.lut, codes_buf, slots, plan, retriever.bounds, hkv, width)
     assert torch.equal(selection[..., fixed_width:], got_bf16)
     assert int(attended) == 5 + int((selection >= 0).sum())
