@@ -8,11 +8,16 @@ streamed at once, and only the window in which all B decode together is timed
 output token and batch tokens/s over that window, with no prefill inside it.
 
     python benchmarks/decode_throughput.py [--lengths 1024 4096 8192 16384] [--batches 1 4]
-        [--dense a2ats_dense torch_native] [--rounds 3]   (on a GPU: --dense flashinfer)
+        [--dense a2ats_dense torch_native] [--rounds 3] [--graphs off|on|both]
+        (on a GPU: --dense flashinfer)
 
-Each round serves every dense backend, then a2ats, one server at a time; the table gives
-per backend the median ms/token over rounds (and its range), and a2ats's throughput
-against each dense backend as the median of the per-round ratios (and their range).
+Each round serves every dense backend, then a2ats, one server at a time (with
+``--graphs both``, each eagerly and then under SGLang's CPU graph runner,
+``--enable-torch-compile``, as ``NAME+graphs``); the table gives per configuration the
+median ms/token over rounds (and its range), a2ats's throughput against each dense
+backend run the same way, and with both, each backend's throughput with graphs against
+without, as the median of the per-round ratios (and their range). The server logs'
+capture time and memory of the graph runner are printed and kept in the JSON.
 Floors: the bytes one decode step must read (the weights once, plus per request the K/V
 it attends and, for a2ats, its codes) at the machine's measured copy bandwidth.
 """
@@ -60,6 +65,10 @@ def decode_timing(url, prompts, max_new_tokens):
     return 1000 * window * len(made) / sum(made), sum(made) / window
 
 
+GRAPH_ARGS = ("--enable-torch-compile", "--cuda-graph-bs-decode")  # + the batch sizes measured
+CAPTURE = re.compile(r"Capture target decode CPU graph end\. bs=\[([\d, ]+)\], elapsed=([\d.]+) s, mem usage=([\d.-]+) GB")
+
+
 def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):
     ctx_max = max(lengths) + TAIL + new_tokens + 64
     args = ["--context-length", ctx_max, "--max-total-tokens", ctx_max + max(batches) * (2 * TAIL + new_tokens + 8) + 4096,
@@ -77,8 +86,13 @@ def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):
                 tpot_ms, tok_s = decode_timing(srv.url, prompts, 1 + new_tokens)
                 rows.append({"length": length, "batch": b, "tpot_ms": tpot_ms, "tok_s": tok_s})
                 print(f"[{backend}] ctx {length:6d} batch {b}: {rows[-1]['tpot_ms']:8.1f} ms/token, {rows[-1]['tok_s']:7.2f} tok/s", flush=True)
-        shares = [float(x) for x in re.findall(r"attended ([\d.]+)% of context \(", srv.log())]
-    return rows, shares
+        log = srv.log()
+        if GRAPH_ARGS[0] in extra and ("cpu graph: True" not in log or "CPU graph capture failed" in log):
+            raise RuntimeError(f"{backend} did not decode under CPU graphs; see {srv.log_path}")
+        shares = [float(x) for x in re.findall(r"attended ([\d.]+)% of context \(", log)]
+        capture = [{"bs": [int(b) for b in m[0].split(",")], "seconds": float(m[1]), "gb": float(m[2])}
+                   for m in CAPTURE.findall(log)]
+    return rows, shares, capture
 
 
 @lru_cache(maxsize=None)
@@ -113,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--dense", nargs="+", default=["a2ats_dense", "torch_native"] if on_cpu() else ["flashinfer"])
     ap.add_argument("--rounds", type=int, default=1, help="alternate the backends this many times")
     ap.add_argument("--a2ats-args", default="", help="extra server flags for a2ats, e.g. '--a2ats-budget 0.05'")
+    ap.add_argument("--graphs", choices=("off", "on", "both"), default="off",
+                    help="serve each backend eagerly, under SGLang's CPU graph runner, or both")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     model = args.model_path or build_default_model()
@@ -124,45 +140,57 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(model)
     base_ids = tok(long_text(max(args.lengths) * 6), add_special_tokens=False)["input_ids"]
     t0 = time.time()
-    backends = [*args.dense, "a2ats"]
-    runs = {name: [] for name in backends}  # per backend, per round: rows
-    shares, copies = [], []
+    suffixes = {"off": [""], "on": ["+graphs"], "both": ["", "+graphs"]}[args.graphs]
+    backends = [n + sfx for n in [*args.dense, "a2ats"] for sfx in suffixes]
+    graph_extra = [GRAPH_ARGS[0], GRAPH_ARGS[1], *map(str, sorted(set(args.batches)))]
+    # (numerator, denominator): the throughput of the first over the second, per round
+    pairs = [(f"a2ats{sfx}", d + sfx) for sfx in suffixes for d in args.dense]
+    pairs += [(n + "+graphs", n) for n in [*args.dense, "a2ats"]] if args.graphs == "both" else []
+    runs = {name: [] for name in backends}  # per configuration, per round: rows
+    shares, copies, captures = [], [], {}
     for _ in range(args.rounds):
         copies.append(copy_bandwidth())
         for name in backends:
-            extra = args.a2ats_args.split() if name == "a2ats" else []
-            rows, got = measure(name, model, base_ids, args.lengths, args.batches, args.new_tokens, extra)
+            backend = name.removesuffix("+graphs")
+            extra = (args.a2ats_args.split() if backend == "a2ats" else []) + (graph_extra if name != backend else [])
+            rows, got, capture = measure(backend, model, base_ids, args.lengths, args.batches, args.new_tokens, extra)
             runs[name].append(rows)
-            shares += got if name == "a2ats" else []
+            shares += got if backend == "a2ats" else []
+            captures.setdefault(name, []).extend(capture)
     copy = statistics.median(copies)
     share = statistics.median(shares) / 100 if shares else 1.0
     machine = f"{platform.machine()}, {'CPU' if on_cpu() else 'GPU'}"
     lines = [f"Model `{Path(model).name}`; {args.new_tokens} output tokens per request; shared cached prefix; "
-             f"{machine}; {date.today()}; {args.rounds} round(s), each serving {', '.join(backends)} in turn; "
+             f"{machine}; {date.today()}; {args.rounds} round(s), each serving {', '.join(backends)} in turn"
+             f"{' (+graphs: ' + ' '.join(graph_extra) + ')' if args.graphs != 'off' else ''}; "
              f"copy bandwidth {copy:.1f} GB/s; a2ats args `{args.a2ats_args or 'defaults'}`. Contexts past the "
              f"model's 8K training length are for throughput only.", "",
              "| context | batch | " + " | ".join(f"{n} ms/token" for n in backends) + " | " +
-             " | ".join(f"a2ats / {n} throughput" for n in args.dense) + " | dense floor ms | a2ats floor ms |",
-             "|---|---|" + "---|" * (len(backends) + len(args.dense) + 2)]
+             " | ".join(f"{a} / {b} throughput" for a, b in pairs) + " | dense floor ms | a2ats floor ms |",
+             "|---|---|" + "---|" * (len(backends) + len(pairs) + 2)]
     table_rows = []
     for i, first in enumerate(runs[backends[0]][0]):
         length, batch = first["length"], first["batch"]
         ms = {n: [r[i]["tpot_ms"] for r in runs[n]] for n in backends}
-        ratios = {n: [d[i]["tpot_ms"] / s[i]["tpot_ms"] for d, s in zip(runs[n], runs["a2ats"])] for n in args.dense}
+        ratios = {f"{a} / {b}": [d[i]["tpot_ms"] / s[i]["tpot_ms"] for s, d in zip(runs[a], runs[b])] for a, b in pairs}
         floors = (step_floor_ms(model, length, batch, 1.0, copy, False),
                   step_floor_ms(model, length, batch, share, copy, True))
         table_rows.append({"length": length, "batch": batch, "ms": ms, "ratios": ratios, "floor_ms": floors})
         lines.append(f"| {length} | {batch} | " + " | ".join(span(ms[n]) for n in backends) + " | " +
                      " | ".join(f"**{statistics.median(ratios[n]):.2f}x** ({min(ratios[n]):.2f}–{max(ratios[n]):.2f})"
-                                for n in args.dense) + f" | {floors[0]:.1f} | {floors[1]:.1f} |")
+                                for n in ratios) + f" | {floors[0]:.1f} | {floors[1]:.1f} |")
     if shares:
         lines += ["", f"a2ats attended between {min(shares):.1f} % and {max(shares):.1f} % of the context per decode "
                       f"step (median {100 * share:.1f} %, used for its floor)."]
+    for name, caps in captures.items():
+        lines += [f"{name}: graph capture of batch sizes {c['bs']} in {c['seconds']:.1f} s "
+                  f"({c['seconds'] / len(c['bs']):.1f} s per bucket), {c['gb']:.2f} GB" for c in caps[:1]]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_throughput.md").write_text(table + "\n")
-    (args.out / "decode_throughput.json").write_text(json.dumps({"copy_gb_s": copies, "rows": table_rows, "runs": runs},
+    (args.out / "decode_throughput.json").write_text(json.dumps({"copy_gb_s": copies, "rows": table_rows, "runs": runs,
+                                                                "captures": captures},
                                                                 indent=1))
     plot(runs, args.out / "decode_throughput.png")
     print(f"[bench] done in {time.time() - t0:.0f}s")

@@ -111,7 +111,7 @@ def measure(shape: LayerShape, batch: int, length: int, rounds: int, copy_gb_s: 
         cpu.retrieve_layer_cpu(q, rotation, centroids, scale, codes, slots, plan, bounds, new_buf.q32, new_buf.q_rot,
                                new_buf.lut, new_sel[..., f:])
 
-    attended_count = torch.zeros((), dtype=torch.int64)  # the decode layer adds its attended slots here
+    attended_count = torch.zeros(2, dtype=torch.int64)  # the decode layer adds its attended slots here
 
     def new_layer():
         cpu.decode_layer_cpu(q, rotation, centroids, scale, codes, slots, plan, bounds, new_buf.q32, new_buf.q_rot,

@@ -1,12 +1,24 @@
 """The CPU kernels (C++, one extension built on first use for this machine's CPU with
-torch's extension builder, cached in ~/.cache/torch_extensions): sparse decode
-attention and one layer's retrieval. Whether they are used is decided once, by
-:class:`a2ats_sglang.kernels.dispatch.KernelChoice`; these wrappers never fall back."""
+torch's extension builder, cached in ~/.cache/torch_extensions): key encoding, sparse and
+dense decode attention, one layer's retrieval and the fused decode layer. Whether they
+are used is decided once, by :class:`a2ats_sglang.kernels.dispatch.KernelChoice`; these
+wrappers never fall back.
+
+The entry points a decode step runs are also torch custom ops (``torch.ops.a2ats.*``,
+:func:`torch.library.custom_op`): under ``torch.compile`` (SGLang's CPU graph runner) the
+wrappers call the op, which the compiler sees as one opaque call that writes only the
+buffers it names (its fake does nothing: no output changes shape), and the data-dependent
+loops stay inside the kernel; eagerly they call the extension directly (no dispatcher
+round trip).
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 SOURCES = ("cpu_bindings.cpp", "cpu_sparse_attention.cpp", "cpu_select.cpp", "cpu_decode.cpp", "cpu_encode.cpp")
 
@@ -38,13 +50,62 @@ def extension():
     return ext
 
 
+def _custom_op(name: str, mutates: tuple[str, ...]):
+    """Register the decorated function as ``torch.ops.a2ats.<name>``, writing ``mutates`` and
+    returning nothing, with a fake that does nothing (safe to import twice: an op already
+    registered in this process is reused)."""
+
+    def register(fn):
+        if hasattr(torch.ops.a2ats, name):  # registered by an earlier import of this module
+            return getattr(torch.ops.a2ats, name).default
+        op = torch.library.custom_op(f"a2ats::{name}", fn, mutates_args=mutates)
+        op.register_fake(lambda *args: None)
+        return op
+
+    return register
+
+
+@_custom_op("encode_keys", ("codes",))
+def _encode_keys_op(k: Tensor, positions: Tensor, inv_freq: Tensor, neox: bool, mscale: float, enc_rows: Tensor,
+                    enc_bias: Tensor, loc: Tensor, codes: Tensor) -> None:
+    extension().encode_keys(k, positions, inv_freq, neox, mscale, enc_rows, enc_bias, loc, codes)
+
+
+@_custom_op("sparse_attention", ("out", "lse"))
+def _sparse_attention_op(q: Tensor, k_buf: Tensor, v_buf: Tensor, slots: Tensor, scale: float, logit_cap: float,
+                         out: Tensor, lse: Tensor) -> None:
+    extension().sparse_attention(q, k_buf, v_buf, slots, scale, logit_cap, out, lse)
+
+
+@_custom_op("paged_attention", ("out", "lse"))
+def _paged_attention_op(q: Tensor, k_buf: Tensor, v_buf: Tensor, slots: Tensor, seq_lens: Tensor, scale: float,
+                        logit_cap: float, out: Tensor, lse: Tensor) -> None:
+    extension().paged_attention(q, k_buf, v_buf, slots, seq_lens, scale, logit_cap, out, lse)
+
+
+@_custom_op("decode_layer", ("q32", "q_rot", "lut", "selection", "out", "lse", "attended"))
+def _decode_layer_op(q: Tensor, cos: Tensor, sin: Tensor, neox: bool, centroids: Tensor, scale: float, codes: Tensor,
+                     slots: Tensor, seq_lens: Tensor, k: Tensor, top_p: float, min_tokens: int, bounds: Tensor,
+                     sinks: int, window: int, q32: Tensor, q_rot: Tensor, lut: Tensor, selection: Tensor,
+                     fixed_width: int, k_buf: Tensor, v_buf: Tensor, logit_cap: float, out: Tensor, lse: Tensor,
+                     attended: Tensor) -> None:
+    extension().decode_layer(q, cos, sin, neox, centroids, scale, codes, slots, seq_lens, k, top_p, min_tokens, bounds,
+                             sinks, window, q32, q_rot, lut, selection, fixed_width, k_buf, v_buf, logit_cap, out, lse,
+                             attended)
+
+
+def _entry(op, name: str):
+    """The custom op while torch.compile traces, else the extension's function."""
+    return op if torch.compiler.is_compiling() else getattr(extension(), name)
+
+
 def encode_keys_cpu(k, positions, rope, enc_rows, enc_bias, loc, codes_buf) -> None:
     """Codes of post-RoPE keys k [T, Hkv, D] (any float dtype, last dim contiguous) at
     ``positions`` int64 [T], stored at physical slots loc int64 [T] of codes_buf int16 [N, Hkv]:
     un-rotated by ``rope`` (:meth:`a2ats_sglang.core.rope.RopeSpec.unrotate`), then the nearest
     centroid in the whitened space, argmax_c (enc_rows [Hkv, C, D] . k + enc_bias [Hkv, C]) (f32,
     contiguous), as :meth:`a2ats_sglang.core.codebook.LayerCodebook.encode`."""
-    extension().encode_keys(k.float(), positions.long().contiguous(), rope.inv_freq, rope.neox, float(rope.mscale),
+    _entry(_encode_keys_op, "encode_keys")(k.float(), positions.long().contiguous(), rope.inv_freq, rope.neox, float(rope.mscale),
                             enc_rows, enc_bias, loc.long().contiguous(), codes_buf)
 
 
@@ -54,7 +115,16 @@ def sparse_attention_cpu(q, k_buf, v_buf, slots, scale: float, logit_cap: float,
     q f32 [B, Hq, D] contiguous; k_buf [N, Hkv, D], v_buf [N, Hkv, Dv] (f32/bf16/f16);
     slots int64 [B, Hkv, S] contiguous (-1 = padding) -> writes out f32 [B, Hq, Dv] and
     lse f32 [B, Hq] (the contract of :func:`a2ats_sglang.core.attention.sparse_attention`)."""
-    extension().sparse_attention(q, k_buf, v_buf, slots, float(scale), float(logit_cap), out, lse)
+    _entry(_sparse_attention_op, "sparse_attention")(q, k_buf, v_buf, slots, float(scale), float(logit_cap), out, lse)
+
+
+def paged_attention_cpu(q, k_buf, v_buf, slots, seq_lens, scale: float, logit_cap: float, out, lse) -> None:
+    """Dense decode attention over a slot table: each request attends slots[b, :seq_lens[b]]
+    (int64 [B, L] contiguous; the columns past a request's length are never read, so L may be
+    a capacity); seq_lens int64 [B] contiguous; q, k_buf, v_buf, out, lse as
+    :func:`sparse_attention_cpu`."""
+    _entry(_paged_attention_op, "paged_attention")(q, k_buf, v_buf, slots, seq_lens, float(scale), float(logit_cap),
+                                                   out, lse)
 
 
 def _layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot, lut):
@@ -83,6 +153,6 @@ def decode_layer_cpu(q, rotation, centroids, scale: float, codes_buf, slots, pla
     ``selection[..., fixed_width:]`` (selection int64 [B, Hkv, F + R] contiguous, the
     batch's slots attended in every layer in front), then :func:`sparse_attention_cpu`
     over the whole selection into out f32 [B, Hq, Dv] and lse f32 [B, Hq]; adds the number of
-    slots attended (selection >= 0) to ``attended`` int64 0-d."""
-    extension().decode_layer(*_layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot,
+    slots attended (selection >= 0) and of context token-heads to ``attended`` int64 [2]."""
+    _entry(_decode_layer_op, "decode_layer")(*_layer_args(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, q32, q_rot,
                                           lut), selection, fixed_width, k_buf, v_buf, float(logit_cap), out, lse, attended)

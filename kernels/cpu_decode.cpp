@@ -82,7 +82,7 @@ void retrieve_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, b
 // retrieve_layer_cpu into selection[..., fixed_width:] (selection i64 [B, Hkv, F + R]: per KV head the
 // slots attended in every layer, then room for the retrieved ones), then exact attention of q over the
 // whole selection of k_buf [N, Hkv, D] / v_buf [N, Hkv, Dv] -> out f32 [B, Hq, Dv], lse f32 [B, Hq]; the
-// number of slots attended (selection >= 0) is added to attended (i64, one element).
+// number of slots attended (selection >= 0) and of context token-heads are added to attended (i64 [2]).
 void decode_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, bool neox, torch::Tensor centroids,
                       double scale, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens, torch::Tensor k,
                       double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks, int64_t window,
@@ -91,12 +91,17 @@ void decode_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, boo
                       torch::Tensor lse, torch::Tensor attended) {
   TORCH_CHECK(selection.dim() == 3 && fixed_width >= 0 && fixed_width <= selection.size(2),
               "selection must be i64 [B, Hkv, F + R] with 0 <= F <= its width");
-  TORCH_CHECK(attended.scalar_type() == torch::kLong && attended.numel() == 1, "attended must be one i64");
+  TORCH_CHECK(attended.scalar_type() == torch::kLong && attended.numel() == 2 && attended.is_contiguous(),
+              "attended must be i64 [2]");
   retrieve_layer_cpu(q, cos, sin, neox, centroids, scale, codes, slots, seq_lens, k, top_p, min_tokens, bounds, sinks,
                      window, q32, q_rot, lut, selection.narrow(2, fixed_width, selection.size(2) - fixed_width));
   sparse_attention(q32, k_buf, v_buf, selection, scale, cap, out, lse);
   const int64_t* s = selection.data_ptr<int64_t>();  // contiguous (sparse_attention checked it)
-  int64_t count = 0;
+  int64_t count = 0, context = 0;
   for (int64_t i = 0, n = selection.numel(); i < n; ++i) count += s[i] >= 0;
-  *attended.data_ptr<int64_t>() += count;
+  const torch::Tensor lens = seq_lens.contiguous();
+  for (int64_t b = 0; b < lens.numel(); ++b) context += std::min(lens.data_ptr<int64_t>()[b], slots.size(1));
+  int64_t* const counts = attended.data_ptr<int64_t>();
+  counts[0] += count;
+  counts[1] += context * selection.size(1);
 }

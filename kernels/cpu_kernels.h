@@ -10,6 +10,8 @@ void encode_keys(torch::Tensor k, torch::Tensor positions, torch::Tensor inv_fre
                  torch::Tensor enc_rows, torch::Tensor enc_bias, torch::Tensor loc, torch::Tensor codes);
 void sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, double scale,
                       double cap, torch::Tensor out, torch::Tensor lse);
+void paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, torch::Tensor seq_lens,
+                     double scale, double cap, torch::Tensor out, torch::Tensor lse);
 void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
                        torch::Tensor k, double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks,
                        int64_t window, torch::Tensor out);

@@ -94,11 +94,16 @@ inline const float* as_float(const T* p, float* buf, int64_t n) {
 }
 
 template <typename T>
-void attend(const float* q, const T* k, const T* v, const int64_t* slots, float* out, float* lse, int64_t B,
-            int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t Dv, int64_t ksn, int64_t ksh, int64_t vsn,
-            int64_t vsh, float scale, float cap) {
+void attend(const float* q, const T* k, const T* v, const int64_t* slots, int64_t ssb, int64_t ssh,
+            const int64_t* extent, float* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D,
+            int64_t Dv, int64_t ksn, int64_t ksh, int64_t vsn, int64_t vsh, float scale, float cap) {
   const int64_t G = Hq / Hkv;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  if (extent != nullptr) {  // rows past every request's extent are never read: size the chunks by the longest
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; ++b) longest = std::max(longest, std::min(S, extent[b]));
+    S = longest;
+  }
   const int64_t chunks = std::max<int64_t>(1, (S + kChunk - 1) / kChunk);
   const int64_t part = G * (Dv + 2);  // per chunk: acc [G, Dv], max [G], sum [G]
   thread_local std::vector<float> scratch;  // the chunks' partial results, kept between calls (no allocation per layer)
@@ -122,8 +127,8 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
         m[g] = neg_inf;
         l[g] = 0.f;
       }
-      const int64_t* sl = slots + bh * S;
-      const int64_t j_end = std::min(S, (c + 1) * kChunk);
+      const int64_t* sl = slots + b * ssb + h * ssh;
+      const int64_t j_end = std::min(extent != nullptr ? std::min(S, extent[b]) : S, (c + 1) * kChunk);
       for (int64_t j0 = c * kChunk; j0 < j_end; j0 += kBlock) {
         const int64_t j1 = std::min(j_end, j0 + kBlock);
         for (int64_t j = j1; j < std::min(j_end, j1 + kBlock); ++j) {  // the next block, while this one computes
@@ -200,25 +205,51 @@ void attend(const float* q, const T* k, const T* v, const int64_t* slots, float*
 
 }  // namespace
 
-// q f32 [B, Hq, D] contiguous; k [N, Hkv, D], v [N, Hkv, Dv] (f32/bf16/f16, last dim contiguous);
-// slots i64 [B, Hkv, S] contiguous (-1 = padding); out f32 [B, Hq, Dv] and lse f32 [B, Hq] contiguous,
-// allocated by the caller (once per decode batch) and written here.
-void sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, double scale,
-                      double cap, torch::Tensor out, torch::Tensor lse) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && slots.dim() == 3, "expected 3-d tensors");
+namespace {
+
+// The checks and dispatch both entry points share: slots' rows at strides (ssb per request, ssh per KV head),
+// extent (nullable) the rows of each request to read.
+void attend_checked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& slots,
+                    int64_t ssb, int64_t ssh, int64_t S, const int64_t* extent, double scale, double cap,
+                    torch::Tensor& out, torch::Tensor& lse) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "expected 3-d q, k, v");
   TORCH_CHECK(q.scalar_type() == torch::kFloat && slots.scalar_type() == torch::kLong, "q must be f32, slots i64");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v dtypes differ");
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k/v last dim must be contiguous");
   TORCH_CHECK(q.is_contiguous() && slots.is_contiguous(), "q and slots must be contiguous");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Dv = v.size(2), S = slots.size(2);
-  TORCH_CHECK(k.size(2) == D && slots.size(0) == B && slots.size(1) == Hkv && Hq % Hkv == 0, "shape mismatch");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Dv = v.size(2);
+  TORCH_CHECK(k.size(2) == D && slots.size(0) == B && Hq % Hkv == 0, "shape mismatch");
   TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.numel() == B * Hq * Dv,
               "out must be contiguous f32 [B, Hq, Dv]");
   TORCH_CHECK(lse.scalar_type() == torch::kFloat && lse.is_contiguous() && lse.numel() == B * Hq,
               "lse must be contiguous f32 [B, Hq]");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "a2ats_sparse_attention", [&] {
     attend<scalar_t>(q.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
-                     out.data_ptr<float>(), lse.data_ptr<float>(), B, Hq, Hkv, S, D, Dv, k.stride(0), k.stride(1),
-                     v.stride(0), v.stride(1), static_cast<float>(scale), static_cast<float>(cap));
+                     ssb, ssh, extent, out.data_ptr<float>(), lse.data_ptr<float>(), B, Hq, Hkv, S, D, Dv,
+                     k.stride(0), k.stride(1), v.stride(0), v.stride(1), static_cast<float>(scale),
+                     static_cast<float>(cap));
   });
+}
+
+}  // namespace
+
+// q f32 [B, Hq, D] contiguous; k [N, Hkv, D], v [N, Hkv, Dv] (f32/bf16/f16, last dim contiguous);
+// slots i64 [B, Hkv, S] contiguous (-1 = padding); out f32 [B, Hq, Dv] and lse f32 [B, Hq] contiguous,
+// allocated by the caller (once per decode batch) and written here.
+void sparse_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, double scale,
+                      double cap, torch::Tensor out, torch::Tensor lse) {
+  TORCH_CHECK(slots.dim() == 3 && slots.size(1) == k.size(1), "slots must be i64 [B, Hkv, S]");
+  attend_checked(q, k, v, slots, slots.size(1) * slots.size(2), slots.size(2), slots.size(2), nullptr, scale, cap, out,
+                 lse);
+}
+
+// Dense decode over a slot table: every query head attends slots[b, :seq_lens[b]] of its KV head (the
+// rows past a request's length, capacity padding, are never read). slots i64 [B, L] contiguous, seq_lens
+// i64 [B] contiguous; the rest as sparse_attention.
+void paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots, torch::Tensor seq_lens,
+                     double scale, double cap, torch::Tensor out, torch::Tensor lse) {
+  TORCH_CHECK(slots.dim() == 2, "slots must be i64 [B, L]");
+  TORCH_CHECK(seq_lens.scalar_type() == torch::kLong && seq_lens.is_contiguous() && seq_lens.numel() == slots.size(0),
+              "seq_lens must be contiguous i64 [B]");
+  attend_checked(q, k, v, slots, slots.size(1), 0, slots.size(1), seq_lens.data_ptr<int64_t>(), scale, cap, out, lse);
 }

@@ -151,12 +151,32 @@ class KernelChoice:
             buffers.out.copy_(out)
             buffers.lse.copy_(lse)
 
+    def attend_paged(self, q, k_buf, v_buf, slots, seq_lens, scale: float, logit_cap: float,
+                     buffers: DecodeBuffers) -> None:
+        """Dense decode attention: each request of q [B, Hq, D] attends slots[b, :seq_lens[b]]
+        (slots int64 [B, W] contiguous, W >= every length: the columns past a request's are
+        never read; seq_lens int64 [B]) of k_buf [N, Hkv, D] / v_buf [N, Hkv, Dv] ->
+        buffers.out f32 [B, Hq, Dv], buffers.lse f32 [B, Hq]. The C++ kernels and the torch
+        reference."""
+        if self.impl is Impl.CPP:
+            from a2ats_sglang.kernels.cpu import paged_attention_cpu
+
+            q32 = q if q.dtype == torch.float32 and q.is_contiguous() else buffers.q32.copy_(q)
+            paged_attention_cpu(q32, k_buf, v_buf, slots, seq_lens, scale, logit_cap, buffers.out, buffers.lse)
+        elif self.impl is Impl.TORCH:
+            inside = torch.arange(slots.shape[1], device=slots.device) < seq_lens.view(-1, 1)
+            per_head = torch.where(inside, slots, torch.full_like(slots, -1)).unsqueeze(1).expand(-1, k_buf.shape[1], -1)
+            self.attend(q, k_buf, v_buf, per_head, scale, logit_cap, buffers)
+        else:
+            raise ValueError("a2ats: dense decode over a slot table has no Triton kernel (use SGLang's triton backend)")
+
     def decode(self, q, rotation, centroids, scale: float, codes_buf, slots, plan, bounds, selection,
                fixed_width: int, k_buf, v_buf, logit_cap: float, buffers: DecodeBuffers, attended) -> None:
         """A sparse decode layer: :meth:`retrieve` into ``selection[..., fixed_width:]``
         (selection int64 [B, Hkv, F + R]: the slots attended in every layer in front), then
-        :meth:`attend` over the whole selection; the number of slots attended is added to
-        ``attended`` (int64 0-d, in place). One native call with the C++ kernels."""
+        :meth:`attend` over the whole selection; the number of slots attended and of context
+        token-heads are added to ``attended`` (int64 [2], in place). One native call with the
+        C++ kernels."""
         if self.impl is Impl.CPP:
             from a2ats_sglang.kernels.cpu import decode_layer_cpu
 
@@ -167,4 +187,5 @@ class KernelChoice:
         self.retrieve(q, rotation, centroids, scale, codes_buf, slots, plan, bounds, selection[..., fixed_width:],
                       buffers)
         self.attend(q, k_buf, v_buf, selection, scale, logit_cap, buffers)
-        attended += (selection >= 0).sum()
+        context = plan.seq_lens.clamp_max(slots.shape[1]).sum() * selection.shape[1]
+        attended += torch.stack(((selection >= 0).sum(), context))

@@ -2,13 +2,21 @@
 
 from sglang.srt.platforms.cpu import CpuDeviceMixin
 from sglang.srt.platforms.device_mixin import PlatformEnum
-from sglang.srt.platforms.interface import SRTPlatform
+from sglang.srt.platforms.interface import PlatformCapabilities, SRTPlatform
 
 
 class A2ATSCpuPlatform(CpuDeviceMixin, SRTPlatform):
-    """CPU device operations as an out-of-tree platform: no pinned memory, no graphs."""
+    """CPU device operations as an out-of-tree platform: no pinned memory; SGLang's CPU
+    graph runner (``--enable-torch-compile``), falling back to eager decode where a
+    configuration cannot be captured (:mod:`.cpu_graph_runner`)."""
 
     _enum = PlatformEnum.OOT
+    capabilities = PlatformCapabilities(graph_capture=True)
+
+    def get_graph_runner_cls(self):
+        from a2ats_sglang.patches.cpu_graph_runner import EagerFallbackCPUGraphRunner
+
+        return EagerFallbackCPUGraphRunner
 
     def is_pin_memory_available(self, device=None) -> bool:
         return False

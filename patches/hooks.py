@@ -4,9 +4,12 @@
 - ``ServerArgs.from_cli_args`` (BEFORE): validates the flags and exports them as
   ``SGLANG_A2ATS_*`` so scheduler processes see them; with ``--attention-backend
   a2ats`` it also checks the codebooks file is there, so a bad start fails at once.
-- ``handle_attention_backend_compatibility`` (AFTER): the backend's decode runs
-  data-dependent top-K on host-sized shapes, so CUDA graphs are turned off for it
-  (logged), as SGLang does for ``torch_native``.
+- ``handle_attention_backend_compatibility`` (AFTER): CUDA graphs are turned off for the
+  backend (logged), as SGLang does for ``torch_native``: its CUDA-graph hooks have never run
+  on a GPU. On ``--device cpu`` SGLang's CPU graph runner calls the backend's CPU graph hooks
+  instead, which it has.
+- ``cpu_graph_runner.register_fake_ops`` (AROUND): registers the torch.compile fakes of the
+  ``sgl_kernel`` CPU operators that exist in this build only (the PyPI build has none).
 - With ``--a2ats-offload`` (scheduler processes), on SGLang's KV cache configurator:
   ``_resolve_kv_pool_class`` (AFTER) gives the MHA pool class
   :class:`~a2ats_sglang.offload.host_pool.HostKVPool`; ``_profile_available_bytes`` (AFTER)
@@ -65,8 +68,8 @@ def _from_cli_args(*args, **kwargs):
 def _disable_cuda_graph(result, server_args, *args, **kwargs):
     from sglang.srt.arg_groups import attention_hook as ah
 
-    if ah.resolved_view(server_args).attention_backend != "a2ats":
-        return None
+    if ah.resolved_view(server_args).attention_backend != "a2ats" or server_args.device == "cpu":
+        return None  # on CPU, SGLang's graph runner does not consult this (it calls the backend's CPU graph hooks)
     cfg = ah.resolving_view(server_args)
     logger.warning("Cuda graph is disabled because of using the a2ats attention backend")
     for phase in (ah.Phase.DECODE, ah.Phase.PREFILL):
@@ -124,6 +127,30 @@ def _cap_requests(result, configurator, *args, **kwargs):
     return cap if cap is not None and result > cap else None
 
 
+def _fake_ops_of_present_kernels(original, *args, **kwargs):
+    """SGLang's CPU graph runner registers torch.compile fakes for ~50 ``sgl_kernel`` CPU ops
+    and stops on the first one missing ("operator sgl_kernel::shm_allreduce does not exist":
+    the PyPI ``sgl_kernel`` is the CUDA build). Register those that exist; a model that
+    called a missing one could not run eagerly either."""
+    import torch
+    from sglang.srt.model_executor import cpu_graph_runner as runner
+
+    strict = runner.register_cpu_compile_fake
+
+    def present_only(op_name: str):
+        try:
+            getattr(torch.ops.sgl_kernel, op_name)
+        except (AttributeError, RuntimeError):
+            return lambda fake: fake
+        return strict(op_name)
+
+    runner.register_cpu_compile_fake = present_only
+    try:
+        return original(*args, **kwargs)
+    finally:
+        runner.register_cpu_compile_fake = strict
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -134,6 +161,13 @@ def install() -> None:
     HookRegistry.register(
         "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility", _disable_cuda_graph, HookType.AFTER
     )
+    HookRegistry.register("sglang.srt.model_executor.cpu_graph_runner.register_fake_ops", _fake_ops_of_present_kernels,
+                          HookType.AROUND)
+    from a2ats_sglang.patches import traceable
+
+    boundary = "sglang.srt.layers.layer_boundary."
+    HookRegistry.register(boundary + "residual.stream.Contribution", traceable.Contribution, HookType.REPLACE)
+    HookRegistry.register(boundary + "exit.ExitDecision", traceable.ExitDecision, HookType.REPLACE)
     configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
     HookRegistry.register(configurator + "_resolve_kv_pool_class", _host_pool_class, HookType.AFTER)
     HookRegistry.register(configurator + "_profile_available_bytes", _offload_budget, HookType.AFTER)

@@ -11,9 +11,18 @@ sequence (the cached prefix included) and running causal SDPA over it, so a shor
 turn after a long cached prefix (multi-turn chat, radix hits, chunked prefill) costs
 as much as prefilling everything again. Here the new queries attend the prefix and
 themselves directly, in blocks of rows, with a lower-right causal mask.
+
+Under SGLang's CPU graph runner a batch of a captured size keeps its slot table in a
+static buffer as wide as the longest sequence the server admits (the kernel reads each
+request's first seq_len columns only), filled by :meth:`CpuDenseAttnBackend.init_forward_metadata`
+outside the compiled step; the decode layer is then one opaque op. Layers that are not
+plain causal decode (sliding window, cross-attention) keep ``torch_native``'s per-request
+loop, left out of the compiled step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -61,6 +70,17 @@ def paged_extend_attention(query, output, k_cache, v_cache, req_to_token, req_po
     return output
 
 
+@dataclass
+class DenseDecodeState:
+    """A decode batch's plain layers: slots int64 [B, W] the physical slot of each position
+    (W: the longest sequence, or the graph capacity for a captured batch size; columns past a
+    request's length are never read), seq_lens int64 [B], and the kernel's buffers."""
+
+    slots: torch.Tensor
+    seq_lens: torch.Tensor
+    buffers: DecodeBuffers
+
+
 class CpuDenseAttnBackend(TorchNativeAttnBackend):
     """``torch_native`` whose plain causal extend skips the cached prefix's queries and
     whose plain decode is the C++ kernel over every slot (where it builds; else
@@ -69,34 +89,65 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner):
         super().__init__(model_runner)
         self.kernels = KernelChoice.select("auto", model_runner.device)
-        self.decode_state: tuple[int, torch.Tensor, DecodeBuffers] | None = None  # per batch: (Hkv, slots, buffers)
+        self.model = getattr(model_runner, "model", None)  # its attention layers size a captured batch's buffers
+        self.decode_state: DenseDecodeState | None = None  # per batch, built by plan or by the first plain layer
+        self.graph: dict[int, DenseDecodeState] = {}  # captured batch size -> its static state
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        self.decode_state = None  # built by the batch's first plain decode layer, shared by the others
+        self.decode_state = None
+        state = self.graph.get(forward_batch.batch_size)
+        if state is not None and forward_batch.forward_mode.is_decode():
+            lens = forward_batch.seq_lens.to(torch.int64)
+            longest = int(lens.max())  # the CPU device: a read, not a sync
+            rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :longest]
+            state.slots[:, :longest].copy_(rows)
+            state.seq_lens.copy_(lens)
+            self.decode_state = state
 
-    def _decode_slots(self, req_to_token, req_pool_indices, seq_lens, hkv: int, hq: int, d: int, dv: int):
-        """int64 [B, Hkv, L] every slot of each sequence (-1 past its end), and the output buffers."""
-        if self.decode_state is None or self.decode_state[0] != hkv:
+    # -- SGLang's CPU graph runner ------------------------------------------------
+    def init_cpu_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        if self.kernels.impl is not Impl.CPP:
+            raise ValueError(f"a2ats_dense: CPU graphs need the C++ kernels ({self.kernels.reason})")
+        self.graph = {}
+
+    def get_cpu_graph_seq_len_fill_value(self) -> int:
+        return 1  # a padded request: one token, in the reserved request row 0 and KV slot 0
+
+    def init_forward_metadata_capture_cpu_graph(self, bs: int, num_tokens: int, req_pool_indices, seq_lens,
+                                                out_cache_loc, encoder_lens, forward_mode, spec_info) -> None:
+        from sglang.srt.layers.radix_attention import RadixAttention
+
+        layer = next(m for m in self.model.modules() if isinstance(m, RadixAttention))
+        hq, hkv, d, dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+        context = self.req_to_token_pool.req_to_token.shape[1]
+        self.graph[bs] = DenseDecodeState(torch.zeros(bs, context, dtype=torch.int64, device=self.device),
+                                          torch.ones(bs, dtype=torch.int64, device=self.device),
+                                          self.kernels.buffers(bs, hq, hkv, d, dv, context, self.device))
+        super().init_forward_metadata(_CaptureDecode(out_cache_loc))
+        self.decode_state = self.graph[bs]
+
+    def _eager_state(self, query, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens) -> DenseDecodeState:
+        """The batch's state, built by its first plain layer (the others share it)."""
+        if self.decode_state is None:
             longest = int(seq_lens.max())
-            rows = req_to_token[req_pool_indices, :longest].to(torch.int64)
-            inside = torch.arange(longest, device=rows.device) < seq_lens.view(-1, 1)
-            slots = torch.where(inside, rows, torch.full_like(rows, -1)).unsqueeze(1).expand(-1, hkv, -1).contiguous()
-            self.decode_state = (hkv, slots, self.kernels.buffers(slots.shape[0], hq, hkv, d, dv, longest, rows.device))
-        return self.decode_state[1], self.decode_state[2]
+            slots = req_to_token[req_pool_indices, :longest].to(torch.int64)
+            buffers = self.kernels.buffers(slots.shape[0], query.shape[1], k_cache.shape[1], query.shape[2],
+                                           v_cache.shape[2], longest, slots.device)
+            self.decode_state = DenseDecodeState(slots, seq_lens.to(torch.int64), buffers)
+        return self.decode_state
 
     def _run_sdpa_forward_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                                  encoder_lens=None, scaling=None, enable_gqa=False, causal=False, is_cross_attn=False,
                                  sliding_window_size=None):
         plain = encoder_lens is None and not is_cross_attn and (sliding_window_size is None or sliding_window_size < 0)
         if not plain or self.kernels.impl is not Impl.CPP:
-            return super()._run_sdpa_forward_decode(
-                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, encoder_lens, scaling,
-                enable_gqa, causal, is_cross_attn, sliding_window_size)
-        slots, buffers = self._decode_slots(req_to_token, req_pool_indices, seq_lens, k_cache.shape[1], query.shape[1],
-                                            query.shape[-1], v_cache.shape[-1])
-        self.kernels.attend(query, k_cache, v_cache, slots, scaling, 0.0, buffers)
-        output.copy_(buffers.out)
+            return _torch_native_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                                        encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
+        state = self.decode_state if self.decode_state is not None else self._eager_state(
+            query, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens)
+        self.kernels.attend_paged(query, k_cache, v_cache, state.slots, state.seq_lens, scaling, 0.0, state.buffers)
+        output.copy_(state.buffers.out)
         return output
 
     def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
@@ -110,6 +161,20 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
                 extend_seq_lens, encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
         return paged_extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                                       extend_prefix_lens, extend_seq_lens, scaling, enable_gqa)
+
+
+@dataclass
+class _CaptureDecode:
+    """What ``torch_native``'s metadata reads of the batch a graph runner captures with."""
+
+    out_cache_loc: torch.Tensor
+
+
+@torch.compiler.disable
+def _torch_native_decode(backend, *args):
+    """``torch_native``'s decode: one SDPA call per request (host lengths, data-dependent
+    shapes), so outside any compiled step."""
+    return TorchNativeAttnBackend._run_sdpa_forward_decode(backend, *args)
 
 
 def dense_backend(model_runner):

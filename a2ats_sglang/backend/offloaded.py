@@ -6,6 +6,11 @@ Extend attends exactly over the sequences' K/V gathered from the host and fills 
 resident windows; decode attends the window on the device while this rank's CPU worker
 attends the rest of the selection on the host, and the two merge by log-sum-exp. A
 worker that fails twice in a row is replaced and that layer attended in the scheduler.
+
+Under SGLang's CPU graph runner the decode layer is left out of the compiled step
+(``torch.compiler.disable``: the step is compiled piecewise around each layer's worker
+round trip, which submits, waits on a socket and may restart a process) and planned
+eagerly as without graphs; the rest of the step (projections, norms, MLP) is compiled.
 """
 
 from __future__ import annotations
@@ -104,6 +109,12 @@ class Offload:
     def describe(self) -> str:
         return f"offload, CPU worker pid {self.worker.pid}"
 
+    def init_graph_state(self, context: int) -> None:
+        """Nothing to size: decode layers run outside the compiled step (module docstring)."""
+
+    def add_graph_batch_size(self, bs: int) -> None:
+        pass
+
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
@@ -175,6 +186,7 @@ class Offload:
     def forward_dense_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         raise RuntimeError(f"a2ats offload: layer {layer.layer_id} is not a plain causal layer (refused at start)")
 
+    @torch.compiler.disable
     def forward_decode(self, q, k, v, layer, forward_batch, meta: OffloadDecodeMetadata, save_kv_cache=True,
                        **kwargs):
         """q [B, Hq * D] -> [B, Hq * Dv]: resident window here, the host part on the worker."""
@@ -194,7 +206,8 @@ class Offload:
         if remote and self.worker is not None:
             self.worker.submit(lid, q3.float(), host, scale, cap)
         self.kernels.attend(q3, self.resident.k[lid], self.resident.v[lid], meta.window_rows, scale, cap, buffers)
-        self.stats.record((host >= 0).sum() + (meta.window_rows >= 0).sum(), batch, hkv)
+        self.stats.counts += torch.stack(((host >= 0).sum() + (meta.window_rows >= 0).sum(),
+                                          batch.seq_lens.sum() * hkv))
         out = buffers.out
         if remote:
             o_host, lse_host = self._host_part(q3, lid, host, scale, cap)

@@ -61,7 +61,7 @@ class Retriever:
                v_buf: torch.Tensor, logit_cap: float, buffers: DecodeBuffers, attended: torch.Tensor) -> None:
         """:meth:`retrieve` into ``selection[..., fixed_width:]`` (int64 [B, Hkv, F + R]), then
         exact attention over the whole selection of k_buf [N, Hkv, D] / v_buf [N, Hkv, Dv] into
-        buffers.out f32 [B, Hq, Dv] / buffers.lse f32 [B, Hq]; the slots attended are added to
-        ``attended`` (int64 0-d, in place)."""
+        buffers.out f32 [B, Hq, Dv] / buffers.lse f32 [B, Hq]; the slots attended and the context
+        token-heads are added to ``attended`` (int64 [2], in place)."""
         self.kernels.decode(q, rotation, self.layers[layer_id].centroids, scale, self.codes[layer_id], slots, plan,
                             self.bounds, selection, fixed_width, k_buf, v_buf, logit_cap, buffers, attended)

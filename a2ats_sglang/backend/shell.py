@@ -6,11 +6,21 @@ batch (the strategy plans it: :mod:`.planner`), then ``forward_extend`` /
 layer to the strategy: :class:`~.on_device.OnDevice` (full KV on the device) or
 :class:`~.offloaded.Offload` (full KV in host memory, a CPU worker). Layers with a
 sliding window or cross-attention stay dense.
+
+Under SGLang's CPU graph runner (``--enable-torch-compile`` on ``--device cpu``) the
+backend implements its hooks: :meth:`A2ATSAttnBackend.init_cpu_graph_state` sizes the
+static buffers (:class:`~.planner.GraphCapacity`) and
+:meth:`A2ATSAttnBackend.init_forward_metadata_capture_cpu_graph` allocates one captured
+batch size's; at replay the ordinary :meth:`A2ATSAttnBackend.init_forward_metadata` plans
+into them, outside the compiled step.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+
+import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from a2ats_sglang.backend.parallel import TensorParallel
@@ -21,6 +31,20 @@ from a2ats_sglang.core.codebook import load_for_model_runner
 from a2ats_sglang.kernels.dispatch import KernelChoice
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptureBatch:
+    """The fields of a ForwardBatch that planning reads, for the batch a graph runner captures
+    with (it passes them one by one): bs requests, seq_lens / req_pool_indices int64 [bs],
+    out_cache_loc int64 [bs]; no host lengths (the planner reads seq_lens, on the CPU)."""
+
+    batch_size: int
+    seq_lens: torch.Tensor
+    req_pool_indices: torch.Tensor
+    out_cache_loc: torch.Tensor
+    forward_mode: object
+    seq_lens_cpu: torch.Tensor | None = None
 
 
 class A2ATSAttnBackend(AttentionBackend):
@@ -36,6 +60,7 @@ class A2ATSAttnBackend(AttentionBackend):
         books, rope, path = load_for_model_runner(model_runner, cfg.codebook)
         heads = tp.local_kv_heads(books.shape.num_kv_heads)
         pool, device = model_runner.token_to_kv_pool, model_runner.device
+        self.max_context = model_runner.req_to_token_pool.req_to_token.shape[1]  # the longest sequence admitted
         kernels = KernelChoice.select(cfg.kernel, device)
         self.retriever = Retriever(books, rope, heads, pool.get_key_buffer(0).shape[0], kernels, device)
         group = books.shape.num_q_heads // books.shape.num_kv_heads
@@ -81,6 +106,20 @@ class A2ATSAttnBackend(AttentionBackend):
     def is_sparse_layer(self, layer) -> bool:
         sw = getattr(layer, "sliding_window_size", None)
         return layer.layer_id in self.retriever.layers and not (sw is not None and sw > -1) and not layer.is_cross_attention
+
+    # -- SGLang's CPU graph runner ------------------------------------------------
+    def init_cpu_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        """Size the captured decode step for the longest sequence the server admits; raises
+        (the runner then serves eagerly, logged) where the configuration cannot be captured."""
+        self.strategy.init_graph_state(self.max_context)
+
+    def get_cpu_graph_seq_len_fill_value(self) -> int:
+        return 1  # a padded request: one token, in the reserved request row 0 and KV slot 0
+
+    def init_forward_metadata_capture_cpu_graph(self, bs: int, num_tokens: int, req_pool_indices, seq_lens,
+                                                out_cache_loc, encoder_lens, forward_mode, spec_info) -> None:
+        self.strategy.add_graph_batch_size(bs)
+        self.init_forward_metadata(CaptureBatch(bs, seq_lens, req_pool_indices, out_cache_loc, forward_mode))
 
     def attended_share(self) -> float:
         """Share of context token-heads attended over all sparse decode batches so far."""

@@ -301,8 +301,8 @@ def test_attended_share_counts_every_sparse_layer(caplog):
     stats = AttendedShare(1, "cpu")
     with caplog.at_level(logging.INFO, logger="a2ats_sglang.backend.planner"):
         stats.batch(batch)  # nothing recorded yet: no line
-        stats.record(torch.tensor(400), batch, 2)  # layer 0: 50 % of 800 token-heads
-        stats.record(torch.tensor(80), batch, 2)  # layer 1: 10 %
+        stats.counts += torch.tensor([400, 800])  # layer 0: 50 % of 800 token-heads
+        stats.counts += torch.tensor([80, 800])  # layer 1: 10 %
         stats.batch(batch)
     assert stats.share == pytest.approx(0.3)
     lines = [r.getMessage() for r in caplog.records if "a2ats decode batch" in r.getMessage()]

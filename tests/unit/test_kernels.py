@@ -157,12 +157,12 @@ def test_retrieve_kernels_match_torch(impl, hq, hkv, nb, twins, budget):
     k_buf, v_buf = torch.randn(n_slots, hkv, d).bfloat16(), torch.randn(n_slots, hkv, d).bfloat16()
     selection = torch.randint(0, n_slots, (4, hkv, fixed_width + width))
     buffers = impl_retriever.kernels.buffers(4, hq, hkv, d, d, selection.shape[-1], "cpu", retriever.lut_shape)
-    attended = torch.tensor(5)  # the layer adds the slots it attends
+    counts = torch.tensor([5, 7])  # the layer adds the slots it attends and the context token-heads
     impl_retriever.decode(0, q.bfloat16(), impl_retriever.rotation(seq_lens - 1), d ** -0.5, slots, plan, selection,
-                          fixed_width, k_buf, v_buf, 0.0, buffers, attended)
+                          fixed_width, k_buf, v_buf, 0.0, buffers, counts)
     got_bf16 = reference_selection(buffers.lut, codes_buf, slots, plan, retriever.bounds, hkv, width)
     assert torch.equal(selection[..., fixed_width:], got_bf16)
-    assert int(attended) == 5 + int((selection >= 0).sum())
+    assert counts.tolist() == [5 + int((selection >= 0).sum()), 7 + int(seq_lens.sum()) * hkv]
     want_o, want_l = attention.sparse_attention(q.bfloat16().float(), k_buf, v_buf, selection, d ** -0.5)
     torch.testing.assert_close(buffers.out, want_o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(buffers.lse, want_l, atol=1e-5, rtol=1e-5)
