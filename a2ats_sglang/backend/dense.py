@@ -89,7 +89,7 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner):
         super().__init__(model_runner)
         self.kernels = KernelChoice.select("auto", model_runner.device)
-        self.model = getattr(model_runner, "model", None)  # its attention layers size a captured batch's buffers
+        self.num_attention_heads = model_runner.model_config.num_attention_heads  # all ranks' (a capture sizes by it)
         self.decode_state: DenseDecodeState | None = None  # per batch, built by plan or by the first plain layer
         self.graph: dict[int, DenseDecodeState] = {}  # captured batch size -> its static state
 
@@ -116,10 +116,10 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
 
     def init_forward_metadata_capture_cpu_graph(self, bs: int, num_tokens: int, req_pool_indices, seq_lens,
                                                 out_cache_loc, encoder_lens, forward_mode, spec_info) -> None:
-        from sglang.srt.layers.radix_attention import RadixAttention
+        from sglang.srt.runtime_context import get_parallel
 
-        layer = next(m for m in self.model.modules() if isinstance(m, RadixAttention))
-        hq, hkv, d, dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+        k, v = self.token_to_kv_pool.get_key_buffer(0), self.token_to_kv_pool.get_value_buffer(0)
+        hq, hkv, d, dv = self.num_attention_heads // get_parallel().attn_tp_size, k.shape[1], k.shape[2], v.shape[2]
         context = self.req_to_token_pool.req_to_token.shape[1]
         self.graph[bs] = DenseDecodeState(torch.zeros(bs, context, dtype=torch.int64, device=self.device),
                                           torch.ones(bs, dtype=torch.int64, device=self.device),

@@ -151,11 +151,8 @@ def run_sparse_decode(books, case, sinks, window, budget, max_context_len=None):
     extra = {} if max_context_len is None else {"max_context_len": max_context_len}
     fixture = kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32,
                                                 **extra)
-    backend, fb, layer, runner = fixture.backend, fixture.forward_batch, fixture.actual_module.attn, fixture.runner
-    kbuf = runner.token_to_kv_pool.get_key_buffer(0)
-    for b, n in enumerate(case.prefix_lens):
-        slots = runner.req_to_token_pool.req_to_token[fb.req_pool_indices[b], :n].long()
-        backend.retriever.encode(layer.layer_id, kbuf[slots].reshape(n, -1), torch.arange(n), slots)
+    backend, fb, layer = fixture.backend, fixture.forward_batch, fixture.actual_module.attn
+    encode_prefix(backend, fixture, case)
     q, k, v = fixture.actual_module.project_qkv(fixture.input_hidden)
     with forward_context(ForwardContext(attn_backend=backend)):
         backend.init_forward_metadata(fb)
@@ -307,3 +304,74 @@ def test_attended_share_counts_every_sparse_layer(caplog):
     assert stats.share == pytest.approx(0.3)
     lines = [r.getMessage() for r in caplog.records if "a2ats decode batch" in r.getMessage()]
     assert len(lines) == 1 and "attended 30.0% of context" in lines[0]
+
+
+def test_graph_capacity_is_the_widest_any_batch_needs():
+    """Brute force over every sequence length: the fixed part of a covered request, sinks +
+    window otherwise, at least a dense-below batch; the union of g top-Ks, at most the context."""
+    from a2ats_sglang.backend.planner import GraphCapacity
+
+    for budget, sinks, window, dense_below, group in [(retrieval.Budget(0.03, 32, 1 << 30, 0.0), 8, 64, 0, 3),
+                                                      (retrieval.Budget(0.2, 4, 50, 0.0), 2, 6, 300, 4),
+                                                      (retrieval.Budget(0.05, 16, 1000, 0.9), 4, 16, 0, 8)]:
+        context = 2000
+        cap = GraphCapacity.of(budget, sinks, window, dense_below, group, context)
+        fixed, retrieved = 0, 0
+        for n in range(1, context + 1):
+            plan = retrieval.SelectionPlan.build(torch.tensor([n]), budget, sinks, window)
+            fixed = max(fixed, int(plan.fixed.sum()), n if n < dense_below else 0)
+            retrieved = max(retrieved, 0 if plan.covered else min(group * plan.kmax, n))
+        assert (cap.fixed, cap.retrieved) == (fixed, retrieved)
+
+
+def encode_prefix(backend, fixture, case):
+    """Store the codes of the kit's prefix keys (the kit writes the prefix into the pool directly)."""
+    fb, layer, runner = fixture.forward_batch, fixture.actual_module.attn, fixture.runner
+    kbuf = runner.token_to_kv_pool.get_key_buffer(0)
+    for b, n in enumerate(case.prefix_lens):
+        slots = runner.req_to_token_pool.req_to_token[fb.req_pool_indices[b], :n].long()
+        backend.retriever.encode(layer.layer_id, kbuf[slots].reshape(n, -1), torch.arange(n), slots)
+
+
+@pytest.mark.parametrize("backend_name", ["a2ats", "a2ats_dense"])
+def test_decode_layer_compiles_whole_and_replays_new_batches_without_recompiling(env, backend_name):
+    """The graph contract without a server: after the CPU graph runner's hooks (state, one
+    captured batch size), a decode layer compiles to one graph (fullgraph: no break) with
+    static shapes, equals the eager layer for a batch, then for a batch of other lengths
+    (covered, sparse, longer and shorter) planned into the same buffers, with no recompile."""
+    from a2ats_sglang.kernels import cpu
+
+    if cpu.unavailable_reason() is not None:
+        pytest.skip("no C++ compiler: CPU graphs need the C++ kernels")
+    env(4, 2, budget=0.05, min_tokens=4, sinks=4, window=8, kernel="cpp")
+    case = kit.DenseAttentionCase(name="graph", backend=backend_name, forward_mode=ForwardMode.DECODE, num_heads=4,
+                                  num_kv_heads=2, page_size=1, prefix_lens=(300, 10, 200))
+    fixture = kit.build_dense_attention_fixture(_TC(), case, head_dim=HEAD_DIM, device="cpu", dtype=torch.float32,
+                                                max_context_len=320)
+    backend, fb, layer = fixture.backend, fixture.forward_batch, fixture.actual_module.attn
+    if backend_name == "a2ats":
+        encode_prefix(backend, fixture, case)
+    q, k, v = fixture.actual_module.project_qkv(fixture.input_hidden)
+    batches = [fb.seq_lens.clone(), torch.tensor([120, 301, 11]), torch.tensor([9, 250, 201])]
+
+    def run(step, lens):
+        fb.seq_lens.copy_(lens)
+        fb.seq_lens_cpu.copy_(lens)
+        fb.positions.copy_(lens - 1)
+        with forward_context(ForwardContext(attn_backend=backend)):
+            backend.init_forward_metadata(fb)
+            return step(q, k, v).clone()
+
+    eager = lambda q, k, v: layer(q, k, v, fb)  # noqa: E731
+    want = [run(eager, lens) for lens in batches]
+    assert not torch.equal(want[0], want[1])
+    backend.init_cpu_graph_state(4, 4)
+    backend.init_forward_metadata_capture_cpu_graph(3, 3, fb.req_pool_indices, fb.seq_lens, fb.out_cache_loc, None,
+                                                    fb.forward_mode, None)
+    torch._dynamo.reset()
+    compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+    got = [run(compiled, batches[0])]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got += [run(compiled, lens) for lens in batches[1:]]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)

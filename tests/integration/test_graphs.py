@@ -1,0 +1,102 @@
+"""SGLang's CPU graph runner (``--enable-torch-compile`` on ``--device cpu``): the decode
+step compiled per batch-size bucket gives the same greedy tokens as eager decode, for
+a2ats, its offload mode and the dense baseline, at batch sizes inside, between and above
+the captured buckets; for requests the budget covers, requests it does not, and requests
+that grow past the covered length while they decode."""
+
+import concurrent.futures as cf
+import re
+
+import pytest
+import torch
+from support.serving import SERVER_ARGS, generate
+
+from a2ats_sglang.calibration.texts import long_text
+from a2ats_sglang.config import A2ATSConfig
+from a2ats_sglang.harness.server import launch_server
+
+pytestmark = pytest.mark.server
+
+BUCKETS = ("1", "4")
+GRAPHS = ["--enable-torch-compile", "--cuda-graph-bs-decode", *BUCKETS]
+NEW_TOKENS = 24
+
+
+def covered_up_to() -> int:
+    """The longest sequence the default budget covers (attended whole, no retrieval)."""
+    budget, cfg = A2ATSConfig().budget_policy, A2ATSConfig()
+    lens = torch.arange(1, 4096)
+    return int(lens[budget.least_tokens(lens) + cfg.sinks + cfg.window >= lens].max())
+
+
+def prompts():
+    """(name, text): covered, crossing the covered length while decoding, and long."""
+    return [("covered", "The capital of France is"), ("crossing", long_text(470, offset=7)[:470]),
+            ("long", long_text(6000, offset=3)), ("long2", long_text(4000, offset=90) + "\n\nIn short,")]
+
+
+def answers(srv, concurrency: int):
+    """Greedy answers to :func:`prompts`, sent ``concurrency`` at a time (repeated to fill
+    the batch) -> {name: (prompt tokens, text)}."""
+    items = prompts()
+    work = [items[i % len(items)] for i in range(max(concurrency, len(items)))]
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        outs = list(pool.map(lambda item: generate(srv, item[1], NEW_TOKENS, ignore_eos=True), work))
+    got = {}
+    for (name, _), out in zip(work, outs):
+        pair = (out["meta_info"]["prompt_tokens"], out["text"])
+        assert got.setdefault(name, pair) == pair, name  # repeats of a prompt in one batch agree
+    return got
+
+
+def decode_lines(srv, graph: bool) -> list[int]:
+    """Running-request counts of the decode batches logged with ``cpu graph: graph``."""
+    flag = "True" if graph else "False"
+    return [int(n) for n in re.findall(rf"Decode batch, #running-req: (\d+),.*cpu graph: {flag}", srv.log())]
+
+
+def assert_same_answers_as_eager(graphs, eager):
+    want = answers(eager, 1)
+    tokens = want["crossing"][0]
+    assert tokens <= covered_up_to() < tokens + NEW_TOKENS, tokens  # covered, then retrieving, in one request
+    assert want["long"][0] > 1000
+    for concurrency in (1, 3, 6):  # a captured size, one padded to the next bucket, one above every bucket
+        assert answers(graphs, concurrency) == want, concurrency
+    ran = decode_lines(graphs, True)
+    assert 1 in ran and 3 in ran, ran  # bs 1 replayed; bs 3 replayed padded to 4
+    assert any(n > int(BUCKETS[-1]) for n in decode_lines(graphs, False))  # bs 6: eager in the same server
+    assert "CPU graph capture failed" not in graphs.log()
+
+
+def test_a2ats_under_graphs_answers_as_eager(default_model_dir, a2ats):
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS) as srv:
+        assert_same_answers_as_eager(srv, a2ats)
+        shares = [float(s) for s in re.findall(r"a2ats decode batch: .* attended ([\d.]+)% of context \(", srv.log())]
+        assert shares and min(shares) < 50.0  # the long prompts really retrieved under graphs
+        assert re.search(r"Capture target decode CPU graph end\. bs=\[1, 4\]", srv.log())
+
+
+def test_offload_under_graphs_answers_as_on_device(default_model_dir, a2ats):
+    """Offload's decode layers run outside the compiled step (its worker round trip), the
+    rest of the step compiled: the same tokens as on-device eager (which offload equals)."""
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS + ["--a2ats-offload"]) as srv:
+        assert_same_answers_as_eager(srv, a2ats)
+
+
+def test_dense_baseline_under_graphs_answers_as_eager(default_model_dir):
+    with launch_server(default_model_dir, "a2ats_dense", SERVER_ARGS) as eager, \
+            launch_server(default_model_dir, "a2ats_dense", SERVER_ARGS + GRAPHS) as srv:
+        assert_same_answers_as_eager(srv, eager)
+
+
+@pytest.mark.parametrize("backend, extra, reason", [
+    ("a2ats", ["--a2ats-kernel", "torch"], "CPU graphs need the C++ kernels"),
+    ("torch_native", [], "init_cpu_graph_state"),
+])
+def test_a_configuration_that_cannot_be_captured_serves_eagerly(default_model_dir, dense, backend, extra, reason):
+    with launch_server(default_model_dir, backend, SERVER_ARGS + GRAPHS + extra) as srv:
+        out = generate(srv, "The capital of France is", 12)
+        assert out["text"] == generate(dense, "The capital of France is", 12)["text"]
+        line = re.search(r"CPU graph capture failed \((.*)\); decode runs eagerly", srv.log())
+        assert line and reason in line[1], srv.log()[-3000:]
+        assert decode_lines(srv, False) and not decode_lines(srv, True)
