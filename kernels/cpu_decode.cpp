@@ -5,6 +5,11 @@
 #include "cpu_kernels.h"
 #include "cpu_vec.h"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
 namespace {
 
 // q [B, Hq, D] (f32/bf16/f16, last dim contiguous) -> q32 f32 [B, Hq, D]; q_rot f32 [B, Hq, NB, D] =
@@ -43,24 +48,51 @@ void rotate_queries(const torch::Tensor& q, const torch::Tensor& cos, const torc
     }
 }
 
+// How many leading WRoPE buckets request b's retrieval reads, per request into used[B]: those up to the
+// bucket of its farthest scorable position (distance n - 1 - sinks; bucket = #{bounds <= distance}, the
+// selection's own rule), none for a request its budget covers (the selection's rule, cpu_select.cpp).
+void used_buckets(const torch::Tensor& seq_lens, const torch::Tensor& k, double top_p, int64_t min_tokens,
+                  const torch::Tensor& bounds, int64_t sinks, int64_t window, int64_t NB, int64_t* used) {
+  const torch::Tensor lens_t = seq_lens.contiguous(), k_t = k.contiguous(), bounds_t = bounds.contiguous();
+  const int64_t *lens = lens_t.data_ptr<int64_t>(), *top = k_t.data_ptr<int64_t>();
+  const float* bd = bounds_t.data_ptr<float>();
+  for (int64_t b = 0; b < lens_t.numel(); ++b) {
+    const int64_t n = lens[b], least = top_p > 0.0 ? std::min(min_tokens, top[b]) : top[b];
+    used[b] = 0;
+    if (least + sinks + window >= n || n - window <= sinks || top[b] <= 0) continue;  // covered: nothing retrieved
+    const int64_t farthest = n - 1 - sinks;
+    used[b] = 1;
+    while (used[b] < NB && static_cast<int64_t>(std::ceil(bd[used[b] - 1])) <= farthest) ++used[b];
+  }
+}
+
 // lut f32 [B, Hq, NB, C] = q_rot . centroids [Hkv, C, D]: per (request, KV head), the rows of its query
-// heads at every distance against the KV head's centroids, by blocked dot products (row_dots), written in
-// place; threads only when the table is large (a library GEMM call per request cost more than it computes
-// at decode sizes, and woke its thread team for each).
-void lookup_table(const torch::Tensor& q_rot, const torch::Tensor& centroids, torch::Tensor& lut) {
+// heads at the distances the request's retrieval reads (used[b] leading buckets; the other rows are set to
+// -inf: no scorable position falls in them) against the KV head's centroids, by blocked dot products
+// (row_dots), written in place; threads only when the table is large (a library GEMM call per request cost
+// more than it computes at decode sizes, and woke its thread team for each).
+void lookup_table(const torch::Tensor& q_rot, const torch::Tensor& centroids, const int64_t* used,
+                  torch::Tensor& lut) {
   TORCH_CHECK(centroids.dim() == 3 && centroids.scalar_type() == torch::kFloat && centroids.is_contiguous(),
               "centroids must be contiguous f32 [Hkv, C, D]");
   TORCH_CHECK(lut.dim() == 4 && lut.scalar_type() == torch::kFloat && lut.is_contiguous(),
               "lut must be contiguous f32 [B, Hq, NB, C]");
   const int64_t B = lut.size(0), Hkv = centroids.size(0), C = centroids.size(1), D = centroids.size(2);
   TORCH_CHECK(lut.size(3) == C && lut.size(1) % Hkv == 0 && q_rot.size(-1) == D, "lut and centroids disagree");
-  const int64_t rows = lut.size(1) / Hkv * lut.size(2);  // query heads of a KV head x distances
+  const int64_t G = lut.size(1) / Hkv, NB = lut.size(2);
   const float* q = q_rot.data_ptr<float>();
   const float* w = centroids.data_ptr<float>();
   float* out = lut.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, a2ats::grain(rows * C * D), [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh)
-      a2ats::row_dots(q + bh * rows * D, w + (bh % Hkv) * C * D, rows, C, D, out + bh * rows * C, C);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * Hkv, a2ats::grain(G * NB * C * D), [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t n_used = used[bh / Hkv];
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row0 = (bh * G + g) * NB;  // this query head's first row
+        if (n_used > 0) a2ats::row_dots(q + row0 * D, w + (bh % Hkv) * C * D, n_used, C, D, out + row0 * C, C);
+        std::fill(out + (row0 + n_used) * C, out + (row0 + NB) * C, neg_inf);
+      }
+    }
   });
 }
 
@@ -69,13 +101,16 @@ void lookup_table(const torch::Tensor& q_rot, const torch::Tensor& centroids, to
 // One layer's retrieved slots into out i64 [B, Hkv, R] (see retrieve_hist_cpu), from the post-RoPE decode
 // queries q [B, Hq, D], the batch's WRoPE rotation cos/sin f32 [B, NB, RD/2], the layer's centroids f32
 // [Hkv, C, D] and the softmax scale; q32 f32 [B, Hq, D], q_rot f32 [B, Hq, NB, D] and lut f32 [B, Hq, NB, C]
-// are the batch's workspaces (lut holds the layer's lookup table afterwards).
+// are the batch's workspaces (lut holds the layer's lookup table afterwards, -inf in the rows of buckets no
+// scorable position of the request falls in, and in every row of a request its budget covers).
 void retrieve_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, bool neox, torch::Tensor centroids,
                         double scale, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens, torch::Tensor k,
                         double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks, int64_t window,
                         torch::Tensor q32, torch::Tensor q_rot, torch::Tensor lut, torch::Tensor out) {
   rotate_queries(q, cos, sin, neox, scale, q32, q_rot);
-  lookup_table(q_rot, centroids, lut);
+  std::vector<int64_t> used(q.size(0));
+  used_buckets(seq_lens, k, top_p, min_tokens, bounds, sinks, window, cos.size(1), used.data());
+  lookup_table(q_rot, centroids, used.data(), lut);
   retrieve_hist_cpu(lut, codes, slots, seq_lens, k, top_p, min_tokens, bounds, sinks, window, out);
 }
 

@@ -76,6 +76,20 @@ def test_cpu_kernel_matches_reference(dtype, cap, d, dv):
     torch.testing.assert_close(got_l, want_l, atol=1e-5, rtol=1e-5)
 
 
+def read_buckets(seq_lens, plan, bounds, nb: int) -> torch.Tensor:
+    """bool [B, NB]: the WRoPE buckets up to the farthest one a request's scorable positions
+    [sinks, n - window) fall in (by distance n - 1 - position), none for a request its budget
+    covers; from first principles."""
+    out = torch.zeros(len(seq_lens), nb, dtype=torch.bool)
+    for b, n in enumerate(seq_lens.tolist()):
+        if plan.fixed[b].sum() == n:  # covered
+            continue
+        farthest = max(int(retrieval.bucket_of(torch.tensor([n - 1 - pos]), bounds)[0])
+                       for pos in range(plan.sinks, n - plan.window))
+        out[b, : farthest + 1] = True
+    return out
+
+
 def reference_selection(lut, codes_buf, slots, plan, bounds, hkv: int, width: int) -> torch.Tensor:
     """The torch reference's retrieved slots from a given lookup table, -1 padded to ``width``."""
     scores = retrieval.approx_scores(lut, codes_buf[slots].permute(0, 2, 1), plan.seq_lens, bounds, plan.sinks,
@@ -109,7 +123,7 @@ def test_retrieve_kernels_match_torch(impl, hq, hkv, nb, twins, budget):
         pytest.skip("no C++ compiler for the CPU kernels")
     dev = DEV if impl is Impl.TRITON else "cpu"
     d, c, n_slots, fixed_width = 32, 16, 6000, 5  # few codes: many exact ties, broken by position
-    seq_lens = torch.tensor([900, 25, 1500, 1200])
+    seq_lens = torch.tensor([900, 25, 1500, 300])  # 300: its farthest positions in the third of 4 buckets
     length = int(seq_lens.max())
     rope = RopeSpec(1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), d)
     whiten = torch.eye(d).expand(1, hkv, d, d)
@@ -138,9 +152,13 @@ def test_retrieve_kernels_match_torch(impl, hq, hkv, nb, twins, budget):
 
     want, want_lut, retriever = run(KernelChoice(Impl.TORCH, "test"), "cpu")
     got, lut, impl_retriever = run(KernelChoice(impl, "test"), dev)
-    torch.testing.assert_close(lut, want_lut, rtol=1e-4, atol=1e-4)
+    read = torch.ones_like(lut, dtype=torch.bool)
+    if impl is Impl.CPP:  # the C++ table skips the buckets beyond a request's farthest scorable position, and a covered request's
+        read = read_buckets(seq_lens, plan, retriever.bounds, nb).view(4, 1, nb, 1).expand_as(lut)
+        assert torch.equal(torch.isneginf(lut), ~read)
+    torch.testing.assert_close(lut[read], want_lut[read], rtol=1e-4, atol=1e-4)
     assert torch.equal(got, reference_selection(lut, codes_buf, slots, plan, retriever.bounds, hkv, width))
-    if torch.equal(lut, want_lut):
+    if torch.equal(lut[read], want_lut[read]):
         assert torch.equal(got, want)
     count = (got >= 0).sum(-1)  # per KV head: each query head's count, unioned; the covered request nothing
     most = plan.k.view(-1, 1).clamp_max(seq_lens.view(-1, 1) - 20)
