@@ -124,7 +124,7 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--dense", nargs="+", default=["a2ats_dense", "torch_native"] if on_cpu() else ["flashinfer"])
+    ap.add_argument("--dense", nargs="*", default=["a2ats_dense", "torch_native"] if on_cpu() else ["flashinfer"])
     ap.add_argument("--rounds", type=int, default=1, help="alternate the backends this many times")
     ap.add_argument("--a2ats-args", default="", help="extra server flags for a2ats, e.g. '--a2ats-budget 0.05'")
     ap.add_argument("--graphs", choices=("off", "on", "both"), default="off",
@@ -183,8 +183,11 @@ def main(argv=None):
         lines += ["", f"a2ats attended between {min(shares):.1f} % and {max(shares):.1f} % of the context per decode "
                       f"step (median {100 * share:.1f} %, used for its floor)."]
     for name, caps in captures.items():
-        lines += [f"{name}: graph capture of batch sizes {c['bs']} in {c['seconds']:.1f} s "
-                  f"({c['seconds'] / len(c['bs']):.1f} s per bucket), {c['gb']:.2f} GB" for c in caps[:1]]
+        if caps:
+            buckets = len(caps[0]["bs"])
+            lines += [f"{name}: graph capture of batch sizes {caps[0]['bs']}: {span([c['seconds'] for c in caps])} s "
+                      f"over the rounds ({span([c['seconds'] / buckets for c in caps])} s per bucket), memory "
+                      f"{span([c['gb'] for c in caps])} GB as SGLang reports it (host memory, compile workers included)"]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,9 @@
   instead, which it has.
 - ``cpu_graph_runner.register_fake_ops`` (AROUND): registers the torch.compile fakes of the
   ``sgl_kernel`` CPU operators that exist in this build only (the PyPI build has none).
+- ``layer_boundary.residual.stream.Contribution`` and ``layer_boundary.exit.ExitDecision``
+  (class REPLACE): plain-class stand-ins TorchDynamo can construct (:mod:`.traceable`), so a
+  compiled decode step does not break at every layer boundary.
 - With ``--a2ats-offload`` (scheduler processes), on SGLang's KV cache configurator:
   ``_resolve_kv_pool_class`` (AFTER) gives the MHA pool class
   :class:`~a2ats_sglang.offload.host_pool.HostKVPool`; ``_profile_available_bytes`` (AFTER)

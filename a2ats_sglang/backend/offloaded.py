@@ -7,10 +7,10 @@ resident windows; decode attends the window on the device while this rank's CPU 
 attends the rest of the selection on the host, and the two merge by log-sum-exp. A
 worker that fails twice in a row is replaced and that layer attended in the scheduler.
 
-Under SGLang's CPU graph runner the decode layer is left out of the compiled step
-(``torch.compiler.disable``: the step is compiled piecewise around each layer's worker
-round trip, which submits, waits on a socket and may restart a process) and planned
-eagerly as without graphs; the rest of the step (projections, norms, MLP) is compiled.
+Under SGLang's CPU graph runner offload decodes eagerly: its layer's worker round trip
+(submit, wait on a socket, perhaps restart the process) cannot be inside a compiled step,
+and compiling the step piecewise around it measured 0.77x eager (BENCHMARKS.md §12), so
+:meth:`Offload.init_graph_state` refuses and the runner serves eagerly (logged).
 """
 
 from __future__ import annotations
@@ -110,10 +110,8 @@ class Offload:
         return f"offload, CPU worker pid {self.worker.pid}"
 
     def init_graph_state(self, context: int) -> None:
-        """Nothing to size: decode layers run outside the compiled step (module docstring)."""
-
-    def add_graph_batch_size(self, bs: int) -> None:
-        pass
+        raise ValueError("a2ats offload decodes eagerly: compiled piecewise around each layer's CPU worker round "
+                         "trip it ran at 0.77x eager (BENCHMARKS.md section 12)")
 
     def close(self) -> None:
         if self.worker is not None:
@@ -186,7 +184,6 @@ class Offload:
     def forward_dense_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         raise RuntimeError(f"a2ats offload: layer {layer.layer_id} is not a plain causal layer (refused at start)")
 
-    @torch.compiler.disable
     def forward_decode(self, q, k, v, layer, forward_batch, meta: OffloadDecodeMetadata, save_kv_cache=True,
                        **kwargs):
         """q [B, Hq * D] -> [B, Hq * Dv]: resident window here, the host part on the worker."""

@@ -1,8 +1,9 @@
 """SGLang's CPU graph runner (``--enable-torch-compile`` on ``--device cpu``): the decode
 step compiled per batch-size bucket gives the same greedy tokens as eager decode, for
-a2ats, its offload mode and the dense baseline, at batch sizes inside, between and above
-the captured buckets; for requests the budget covers, requests it does not, and requests
-that grow past the covered length while they decode."""
+a2ats and the dense baseline, at batch sizes inside, between and above the captured
+buckets; for requests the budget covers, requests it does not, and requests that grow
+past the covered length while they decode. Configurations that are not captured (offload,
+the torch kernels, a backend without the hooks) serve eagerly and say why."""
 
 import concurrent.futures as cf
 import re
@@ -76,11 +77,14 @@ def test_a2ats_under_graphs_answers_as_eager(default_model_dir, a2ats):
         assert re.search(r"Capture target decode CPU graph end\. bs=\[1, 4\]", srv.log())
 
 
-def test_offload_under_graphs_answers_as_on_device(default_model_dir, a2ats):
-    """Offload's decode layers run outside the compiled step (its worker round trip), the
-    rest of the step compiled: the same tokens as on-device eager (which offload equals)."""
+def test_offload_with_graphs_asked_for_decodes_eagerly(default_model_dir, a2ats):
+    """Offload refuses capture (compiled piecewise around its worker round trip it ran slower
+    than eager): the server says why, decodes eagerly, and answers as on-device eager (which
+    offload equals)."""
     with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS + ["--a2ats-offload"]) as srv:
-        assert_same_answers_as_eager(srv, a2ats)
+        assert answers(srv, 3) == answers(a2ats, 1)
+        assert re.search(r"CPU graph capture failed \(ValueError: a2ats offload decodes eagerly", srv.log())
+        assert decode_lines(srv, False) and not decode_lines(srv, True)
 
 
 def test_dense_baseline_under_graphs_answers_as_eager(default_model_dir):
