@@ -50,16 +50,17 @@ void rotate_queries(const torch::Tensor& q, const torch::Tensor& cos, const torc
 
 // How many leading WRoPE buckets request b's retrieval reads, per request into used[B]: those up to the
 // bucket of its farthest scorable position (distance n - 1 - sinks; bucket = #{bounds <= distance}, the
-// selection's own rule), none for a request its budget covers (the selection's rule, cpu_select.cpp).
+// selection's own rule), none for a request that retrieves nothing (retrieves(), shared with the
+// selection); L: the slot table's width.
 void used_buckets(const torch::Tensor& seq_lens, const torch::Tensor& k, double top_p, int64_t min_tokens,
-                  const torch::Tensor& bounds, int64_t sinks, int64_t window, int64_t NB, int64_t* used) {
+                  const torch::Tensor& bounds, int64_t sinks, int64_t window, int64_t NB, int64_t L, int64_t* used) {
   const torch::Tensor lens_t = seq_lens.contiguous(), k_t = k.contiguous(), bounds_t = bounds.contiguous();
   const int64_t *lens = lens_t.data_ptr<int64_t>(), *top = k_t.data_ptr<int64_t>();
   const float* bd = bounds_t.data_ptr<float>();
   for (int64_t b = 0; b < lens_t.numel(); ++b) {
-    const int64_t n = lens[b], least = top_p > 0.0 ? std::min(min_tokens, top[b]) : top[b];
+    const int64_t n = std::min(lens[b], L);
     used[b] = 0;
-    if (least + sinks + window >= n || n - window <= sinks || top[b] <= 0) continue;  // covered: nothing retrieved
+    if (!retrieves(lens[b], n, top[b], top_p, min_tokens, sinks, window)) continue;
     const int64_t farthest = n - 1 - sinks;
     used[b] = 1;
     while (used[b] < NB && static_cast<int64_t>(std::ceil(bd[used[b] - 1])) <= farthest) ++used[b];
@@ -109,7 +110,7 @@ void retrieve_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, b
                         torch::Tensor q32, torch::Tensor q_rot, torch::Tensor lut, torch::Tensor out) {
   rotate_queries(q, cos, sin, neox, scale, q32, q_rot);
   std::vector<int64_t> used(q.size(0));
-  used_buckets(seq_lens, k, top_p, min_tokens, bounds, sinks, window, cos.size(1), used.data());
+  used_buckets(seq_lens, k, top_p, min_tokens, bounds, sinks, window, cos.size(1), slots.size(1), used.data());
   lookup_table(q_rot, centroids, used.data(), lut);
   retrieve_hist_cpu(lut, codes, slots, seq_lens, k, top_p, min_tokens, bounds, sinks, window, out);
 }

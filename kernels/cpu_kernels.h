@@ -2,9 +2,21 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
+
 // What one token of one KV head costs the selection, counted in multiply-adds for a2ats::kSerialWork: 25 is
 // ~1-2 ns on one core, about what the reworked selection takes per token and KV head (BENCHMARKS.md §10).
 constexpr int64_t kSelectTokenWork = 25;
+
+// Whether a request of len tokens, scored positions of whose slot table hold n (= len unless the table is
+// shorter), retrieves anything: not when its least count (top, or with top_p > 0 min(min_tokens, top)) +
+// sinks + window cover it, nor when no position lies between sinks and window (the torch reference's rule,
+// SelectionPlan). The selection and the lookup table's bucket count share it.
+inline bool retrieves(int64_t len, int64_t n, int64_t top, double top_p, int64_t min_tokens, int64_t sinks,
+                      int64_t window) {
+  const int64_t least = top_p > 0.0 ? std::min(min_tokens, top) : top;
+  return least + sinks + window < len && n - window > sinks && top > 0;
+}
 
 void encode_keys(torch::Tensor k, torch::Tensor positions, torch::Tensor inv_freq, bool neox, double mscale,
                  torch::Tensor enc_rows, torch::Tensor enc_bias, torch::Tensor loc, torch::Tensor codes);

@@ -103,11 +103,10 @@ struct Selection {
     at::parallel_for(0, B * Hkv, a2ats::grain(L * kSelectTokenWork), [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hkv, h = bh % Hkv, n = std::min(lens[b], L), top = k[b];
-        const int64_t least = top_p > 0.0 ? std::min(min_tokens, top) : top;
         const int64_t lo = sinks, hi = n - window;
         int64_t* const row = out + b * out_b + h * out_h;
         int64_t written = 0;
-        if (least + sinks + window < lens[b] && hi > lo && top > 0) {  // else covered by the fixed part, or nothing to score
+        if (retrieves(lens[b], n, top, top_p, min_tokens, sinks, window)) {  // else covered by the fixed part, or nothing to score
           const int64_t* const sl = slots + b * L + lo;
           const int64_t m = hi - lo;
           select(b, h, n, lo, m, std::min(top, m), [&](auto take) { written = compact(sl, m, row, R, take); });

@@ -28,6 +28,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from torch.nn.functional import scaled_dot_product_attention
 
+from a2ats_sglang.backend.planner import CaptureBatch, slot_table
 from a2ats_sglang.kernels.dispatch import DecodeBuffers, Impl, KernelChoice
 
 QUERY_BLOCK = 1024  # rows per SDPA call after a prefix: bounds the [rows, context] mask
@@ -100,8 +101,8 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
         if state is not None and forward_batch.forward_mode.is_decode():
             lens = forward_batch.seq_lens.to(torch.int64)
             longest = int(lens.max())  # the CPU device: a read, not a sync
-            rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :longest]
-            state.slots[:, :longest].copy_(rows)
+            slot_table(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, lens, longest,
+                       out=state.slots[:, :longest])
             state.seq_lens.copy_(lens)
             self.decode_state = state
 
@@ -122,16 +123,15 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
         hq, hkv, d, dv = self.num_attention_heads // get_parallel().attn_tp_size, k.shape[1], k.shape[2], v.shape[2]
         context = self.req_to_token_pool.req_to_token.shape[1]
         self.graph[bs] = DenseDecodeState(torch.zeros(bs, context, dtype=torch.int64, device=self.device),
-                                          torch.ones(bs, dtype=torch.int64, device=self.device),
+                                          torch.zeros(bs, dtype=torch.int64, device=self.device),
                                           self.kernels.buffers(bs, hq, hkv, d, dv, context, self.device))
-        super().init_forward_metadata(_CaptureDecode(out_cache_loc))
-        self.decode_state = self.graph[bs]
+        self.init_forward_metadata(CaptureBatch(bs, seq_lens, req_pool_indices, out_cache_loc, forward_mode))
 
     def _eager_state(self, query, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens) -> DenseDecodeState:
         """The batch's state, built by its first plain layer (the others share it)."""
         if self.decode_state is None:
             longest = int(seq_lens.max())
-            slots = req_to_token[req_pool_indices, :longest].to(torch.int64)
+            slots = slot_table(req_to_token, req_pool_indices, seq_lens, longest)
             buffers = self.kernels.buffers(slots.shape[0], query.shape[1], k_cache.shape[1], query.shape[2],
                                            v_cache.shape[2], longest, slots.device)
             self.decode_state = DenseDecodeState(slots, seq_lens.to(torch.int64), buffers)
@@ -161,13 +161,6 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
                 extend_seq_lens, encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
         return paged_extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                                       extend_prefix_lens, extend_seq_lens, scaling, enable_gqa)
-
-
-@dataclass
-class _CaptureDecode:
-    """What ``torch_native``'s metadata reads of the batch a graph runner captures with."""
-
-    out_cache_loc: torch.Tensor
 
 
 @torch.compiler.disable

@@ -15,10 +15,9 @@ the captured step never changes shape or branch.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -78,11 +77,6 @@ class DecodeBatch:
     plan: SelectionPlan | None
     graph: GraphBuffers | None = None
 
-    @cached_property
-    def context_tokens(self) -> int:
-        """Tokens in the batch's sequences (host lengths; summed once, read by every layer)."""
-        return int(self.seq_lens_cpu.sum())
-
     @property
     def inside_host(self) -> torch.Tensor:
         """bool [B, longest] on the host: positions inside each sequence."""
@@ -106,6 +100,31 @@ class SelectionBuffer:
     @property
     def retrieved(self) -> torch.Tensor:
         return self.slots[..., self.fixed_width:]
+
+
+@dataclass
+class CaptureBatch:
+    """The fields of a ForwardBatch that planning reads, for the batch a graph runner captures
+    with (it passes them one by one): bs requests, seq_lens / req_pool_indices int64 [bs],
+    out_cache_loc int64 [bs]; no host lengths (:func:`host_seq_lens` reads seq_lens, on the CPU)."""
+
+    batch_size: int
+    seq_lens: torch.Tensor
+    req_pool_indices: torch.Tensor
+    out_cache_loc: torch.Tensor
+    forward_mode: object
+    seq_lens_cpu: torch.Tensor | None = None
+
+
+def slot_table(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, longest: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [B, longest] the physical slot of each position of each request (0 past its
+    length), from SGLang's request-to-token table; written into ``out`` (a view of that
+    shape, e.g. the first columns of a captured batch's static table) when given."""
+    rows = req_to_token[req_pool_indices, :longest].to(torch.int64)
+    inside = torch.arange(longest, device=rows.device) < seq_lens.view(-1, 1)
+    zero = torch.zeros_like(rows)
+    return torch.where(inside, rows, zero) if out is None else torch.where(inside, rows, zero, out=out)
 
 
 def host_seq_lens(forward_batch) -> torch.Tensor:
@@ -153,22 +172,20 @@ class DecodePlanner:
             raise ValueError(f"a2ats: a sequence of {longest} tokens is longer than the {self.capacity.context} the "
                              f"captured decode step was sized for")
         plan = SelectionPlan.build(lens_cpu, self.budget, self.sinks, self.window, self.device)
-        rows = self.req_to_token[forward_batch.req_pool_indices, :longest].to(torch.int64)
-        inside = torch.arange(longest, device=rows.device) < seq_lens.view(-1, 1)
         if graph is not None:  # into the static table; the columns past longest are never read
-            torch.where(inside, rows, torch.zeros_like(rows), out=graph.slots[:, :longest])
+            slot_table(self.req_to_token, forward_batch.req_pool_indices, seq_lens, longest, out=graph.slots[:, :longest])
             if longest < self.dense_below:  # everything fixed, nothing retrieved (a top-K of 0)
+                inside = torch.arange(longest, device=self.device) < seq_lens.view(-1, 1)
                 plan = dataclasses.replace(plan, k=torch.zeros_like(plan.k), fixed=inside, fixed_host=inside.cpu(),
                                            covered=True)
             return DecodeBatch(seq_lens, lens_cpu, seq_lens - 1, graph.slots, plan, graph)
-        slots = torch.where(inside, rows, torch.zeros_like(rows))
+        slots = slot_table(self.req_to_token, forward_batch.req_pool_indices, seq_lens, longest)
         dense = plan.covered or longest < self.dense_below
         return DecodeBatch(seq_lens, lens_cpu, seq_lens - 1, slots, None if dense else plan)
 
     def retrieve_capacity(self, batch: DecodeBatch) -> int:
-        """R: room for one layer's retrieved slots per KV head (the union of g top-Ks)."""
-        if batch.graph is not None:
-            return self.capacity.retrieved
+        """R: room for one layer's retrieved slots per KV head (the union of g top-Ks; a
+        captured batch's is its capacity's)."""
         return 0 if batch.plan is None else min(self.group * batch.plan.kmax, batch.slots.shape[1])
 
     def selection_buffer(self, batch: DecodeBatch, fixed_host: torch.Tensor) -> SelectionBuffer:

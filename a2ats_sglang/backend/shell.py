@@ -18,33 +18,17 @@ into them, outside the compiled step.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from a2ats_sglang.backend.parallel import TensorParallel
-from a2ats_sglang.backend.planner import AttendedShare, DecodePlanner
+from a2ats_sglang.backend.planner import AttendedShare, CaptureBatch, DecodePlanner
 from a2ats_sglang.backend.retriever import Retriever
 from a2ats_sglang.config import A2ATSConfig
 from a2ats_sglang.core.codebook import load_for_model_runner
 from a2ats_sglang.kernels.dispatch import KernelChoice
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CaptureBatch:
-    """The fields of a ForwardBatch that planning reads, for the batch a graph runner captures
-    with (it passes them one by one): bs requests, seq_lens / req_pool_indices int64 [bs],
-    out_cache_loc int64 [bs]; no host lengths (the planner reads seq_lens, on the CPU)."""
-
-    batch_size: int
-    seq_lens: torch.Tensor
-    req_pool_indices: torch.Tensor
-    out_cache_loc: torch.Tensor
-    forward_mode: object
-    seq_lens_cpu: torch.Tensor | None = None
 
 
 class A2ATSAttnBackend(AttentionBackend):
