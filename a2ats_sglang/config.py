@@ -35,8 +35,10 @@ class A2ATSConfig:
                           min=0, max=1)
     sinks: int = option(8, "first tokens of every sequence always attended (paper: 8)", min=0)
     window: int = option(64, "most recent tokens always attended (paper: 64)", min=1)
-    dense_below: int = option(0, "decode batches whose longest context is below this many tokens use dense attention",
-                              min=0)
+    dense_below: int = option(-1, "requests shorter than this many tokens attend every token in decode; -1 = auto: "
+                                  "on CPU the length from which retrieval (the lookup table's WRoPE buckets x codes, "
+                                  "the budget) costs less than dense attention, from the codebooks; on a GPU 0 = never",
+                              min=-1)
     kernel: str = option("auto", "sparse decode implementation: auto (Triton on CUDA, the C++ kernels on CPU), "
                                  "torch (references), cpp (the C++ CPU kernels), triton", choices=KERNELS)
     offload: bool = option(False, "keep the full KV in shared host memory and attend retrieved tokens in a CPU worker "

@@ -69,13 +69,22 @@ GRAPH_ARGS = ("--enable-torch-compile", "--cuda-graph-bs-decode")  # + the batch
 CAPTURE = re.compile(r"Capture target decode CPU graph end\. bs=\[([\d, ]+)\], elapsed=([\d.]+) s, mem usage=([\d.-]+) GB")
 
 
-def measure(backend, model, base_ids, lengths, batches, new_tokens, extra):
+def installed_copy_env(site: Path) -> dict:
+    """Server environment that imports a2ats_sglang (and its SGLang plugin entry points) from
+    ``site``, a ``pip install --no-deps --target`` of another revision, whose C++ kernels
+    build in their own directory there (the server runs in ``site``: this tree's package
+    would come first on the path from its own directory)."""
+    return {"PYTHONPATH": str(site), "TORCH_EXTENSIONS_DIR": str(site / "torch_extensions")}
+
+
+def measure(backend, model, base_ids, lengths, batches, new_tokens, extra, env=None):
     ctx_max = max(lengths) + TAIL + new_tokens + 64
     args = ["--context-length", ctx_max, "--max-total-tokens", ctx_max + max(batches) * (2 * TAIL + new_tokens + 8) + 4096,
             "--max-running-requests", max(batches), "--decode-log-interval", 1, *extra]
-    env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
+    cwd = env["PYTHONPATH"] if env else None
+    env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1", **(env or {})}
     rows = []
-    with launch_server(model, backend, args, env=env, timeout=600) as srv:
+    with launch_server(model, backend, args, env=env, timeout=600, cwd=cwd) as srv:
         for length in lengths:
             prefix = base_ids[: length - TAIL]
             for b in batches:
@@ -129,6 +138,9 @@ def main(argv=None):
     ap.add_argument("--a2ats-args", default="", help="extra server flags for a2ats, e.g. '--a2ats-budget 0.05'")
     ap.add_argument("--graphs", choices=("off", "on", "both"), default="off",
                     help="serve each backend eagerly, under SGLang's CPU graph runner, or both")
+    ap.add_argument("--a2ats-from", metavar="LABEL=DIR",
+                    help="also serve a2ats (eagerly) from DIR, a `pip install --no-deps --target DIR` of another "
+                         "revision, as a2ats@LABEL, and compare this tree's a2ats against it")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     model = args.model_path or build_default_model()
@@ -146,16 +158,23 @@ def main(argv=None):
     # (numerator, denominator): the throughput of the first over the second, per round
     pairs = [(f"a2ats{sfx}", d + sfx) for sfx in suffixes for d in args.dense]
     pairs += [(n + "+graphs", n) for n in [*args.dense, "a2ats"]] if args.graphs == "both" else []
+    other = {}  # a2ats@LABEL -> its server environment
+    if args.a2ats_from:
+        label, site = args.a2ats_from.split("=", 1)
+        other = {f"a2ats@{label}": installed_copy_env(Path(site).resolve())}
+        backends = [*other, *backends]
+        pairs += [(f"a2ats{sfx}", f"a2ats@{label}") for sfx in suffixes]
     runs = {name: [] for name in backends}  # per configuration, per round: rows
     shares, copies, captures = [], [], {}
     for _ in range(args.rounds):
         copies.append(copy_bandwidth())
         for name in backends:
-            backend = name.removesuffix("+graphs")
-            extra = (args.a2ats_args.split() if backend == "a2ats" else []) + (graph_extra if name != backend else [])
-            rows, got, capture = measure(backend, model, base_ids, args.lengths, args.batches, args.new_tokens, extra)
+            backend = name.removesuffix("+graphs").split("@")[0]  # a2ats@LABEL: a2ats of another revision
+            extra = (args.a2ats_args.split() if backend == "a2ats" else []) + (graph_extra if name.endswith("+graphs") else [])
+            rows, got, capture = measure(backend, model, base_ids, args.lengths, args.batches, args.new_tokens, extra,
+                                         other.get(name))
             runs[name].append(rows)
-            shares += got if backend == "a2ats" else []
+            shares += got if name in ("a2ats", "a2ats+graphs") else []
             captures.setdefault(name, []).extend(capture)
     copy = statistics.median(copies)
     share = statistics.median(shares) / 100 if shares else 1.0

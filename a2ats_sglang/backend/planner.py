@@ -15,7 +15,6 @@ the captured step never changes shape or branch.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ class GraphCapacity:
     """The widths a captured decode step is sized for, whatever its batch holds: context,
     the longest sequence the server admits (SGLang's request-to-token table width); fixed,
     the most positions one request attends in every layer (sinks + window, or all of a
-    sequence its budget covers or ``--a2ats-dense-below`` keeps dense); retrieved, the
+    sequence its budget covers or shorter than ``--a2ats-dense-below``); retrieved, the
     most slots one layer retrieves per KV head (the union of g top-Ks, at most context)."""
 
     context: int
@@ -66,7 +65,7 @@ class DecodeBatch:
     seq_lens: int64 [B] on the device, seq_lens_cpu the same on the host; positions: int64
     [B] the decode tokens' positions; slots: int64 [B, L] physical slot of each position
     (0 past a request's end); plan: the selection's layer-independent part, or None when
-    nothing is retrieved (every request covered by its budget, or the batch below
+    nothing is retrieved (every request covered by its budget or shorter than
     ``--a2ats-dense-below``; never for a captured batch); graph: the static buffers of a
     captured batch size, else None."""
 
@@ -171,17 +170,13 @@ class DecodePlanner:
         if graph is not None and longest > self.capacity.context:
             raise ValueError(f"a2ats: a sequence of {longest} tokens is longer than the {self.capacity.context} the "
                              f"captured decode step was sized for")
-        plan = SelectionPlan.build(lens_cpu, self.budget, self.sinks, self.window, self.device)
+        plan = SelectionPlan.build(lens_cpu, self.budget, self.sinks, self.window, self.device,
+                                   dense_below=self.dense_below)
         if graph is not None:  # into the static table; the columns past longest are never read
             slot_table(self.req_to_token, forward_batch.req_pool_indices, seq_lens, longest, out=graph.slots[:, :longest])
-            if longest < self.dense_below:  # everything fixed, nothing retrieved (a top-K of 0)
-                inside = torch.arange(longest, device=self.device) < seq_lens.view(-1, 1)
-                plan = dataclasses.replace(plan, k=torch.zeros_like(plan.k), fixed=inside, fixed_host=inside.cpu(),
-                                           covered=True)
             return DecodeBatch(seq_lens, lens_cpu, seq_lens - 1, graph.slots, plan, graph)
         slots = slot_table(self.req_to_token, forward_batch.req_pool_indices, seq_lens, longest)
-        dense = plan.covered or longest < self.dense_below
-        return DecodeBatch(seq_lens, lens_cpu, seq_lens - 1, slots, None if dense else plan)
+        return DecodeBatch(seq_lens, lens_cpu, seq_lens - 1, slots, None if plan.covered else plan)
 
     def retrieve_capacity(self, batch: DecodeBatch) -> int:
         """R: room for one layer's retrieved slots per KV head (the union of g top-Ks; a

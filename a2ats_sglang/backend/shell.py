@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from a2ats_sglang.backend.parallel import TensorParallel
@@ -26,6 +27,7 @@ from a2ats_sglang.backend.planner import AttendedShare, CaptureBatch, DecodePlan
 from a2ats_sglang.backend.retriever import Retriever
 from a2ats_sglang.config import A2ATSConfig
 from a2ats_sglang.core.codebook import load_for_model_runner
+from a2ats_sglang.core.retrieval import retrieval_break_even
 from a2ats_sglang.kernels.dispatch import KernelChoice
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,12 @@ class A2ATSAttnBackend(AttentionBackend):
         kernels = KernelChoice.select(cfg.kernel, device)
         self.retriever = Retriever(books, rope, heads, pool.get_key_buffer(0).shape[0], kernels, device)
         group = books.shape.num_q_heads // books.shape.num_kv_heads
+        dense_below = cfg.dense_below
+        if dense_below < 0:  # auto: the CPU's break-even (a GPU runs the table as a GEMM far above attention's rate)
+            dense_below = 0 if torch.device(device).type != "cpu" else retrieval_break_even(
+                books.distances, books.num_codes, cfg.budget_policy, cfg.sinks, cfg.window, group, self.max_context)
         planner = DecodePlanner(model_runner.req_to_token_pool.req_to_token, cfg.budget_policy, cfg.sinks, cfg.window,
-                                cfg.dense_below, self.retriever.kv_heads, group, device)
+                                dense_below, self.retriever.kv_heads, group, device)
         self.stats = AttendedShare(model_runner.server_args.decode_log_interval, device)
         if cfg.offload:
             from a2ats_sglang.backend.offloaded import Offload
@@ -64,9 +70,10 @@ class A2ATSAttnBackend(AttentionBackend):
                                      self.stats, self.retriever.kv_heads * group, pool.get_key_buffer(0).shape[-1],
                                      pool.get_value_buffer(0).shape[-1])
         self.forward_metadata = None
-        logger.info("a2ats: %s, %d codes, WRoPE distances %s, %s + %d sinks + %d window; kernel %s (%s); %s", path,
-                    books.num_codes, list(books.distances), cfg.budget_policy.describe(), cfg.sinks, cfg.window,
-                    kernels.impl.value, kernels.reason, self.strategy.describe())
+        logger.info("a2ats: %s, %d codes, WRoPE distances %s, %s + %d sinks + %d window, dense below %d tokens%s; "
+                    "kernel %s (%s); %s", path, books.num_codes, list(books.distances), cfg.budget_policy.describe(),
+                    cfg.sinks, cfg.window, dense_below, " (auto)" if cfg.dense_below < 0 else "", kernels.impl.value,
+                    kernels.reason, self.strategy.describe())
 
     def init_forward_metadata(self, forward_batch):
         idle = forward_batch.forward_mode.is_idle() or not forward_batch.batch_size

@@ -85,6 +85,26 @@ def bucket_of(dist: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(dist.float(), bounds.to(dist.device), right=True)
 
 
+def retrieval_break_even(distances, num_codes: int, budget: Budget, sinks: int, window: int, group: int,
+                         longest: int) -> int:
+    """The shortest context from which retrieval costs less than attending every token, at
+    every length up to ``longest`` (``longest + 1`` when it never does): what
+    ``--a2ats-dense-below -1`` (auto) resolves to.
+
+    Cost in dot products of the head dimension per query head. Dense: 2 L (scores and
+    values of every token). Sparse: the lookup table's rows of the WRoPE buckets a request
+    reads (those up to the bucket of its farthest scorable position, the kernels' rule) x
+    C codes, plus 2 per attended token (its KV head's GQA union of ``group`` budgets, sinks
+    and window; the least count under top-p). The selection's pass over the codes (a few
+    operations per token and KV head) is left out. At short contexts the table alone
+    costs as much as dense attention: 4 buckets x 512 codes at 1K tokens."""
+    lens = torch.arange(1, longest + 1)
+    used = bucket_of((lens - 1 - sinks).clamp_min(0), distance_bounds(distances)) + 1
+    attended = torch.minimum(lens, group * budget.least_tokens(lens) + sinks + window)
+    loses = (used * num_codes + 2 * attended >= 2 * lens).nonzero()
+    return int(loses.max()) + 2 if loses.numel() else 1
+
+
 @dataclass(frozen=True)
 class WRoPERotation:
     """A decode batch's WRoPE rotation, the same in every layer: cos and sin float32
@@ -169,13 +189,14 @@ class SelectionPlan:
 
     @classmethod
     def build(cls, seq_lens: torch.Tensor, budget: Budget, sinks: int, window: int, device=None,
-              length: int | None = None) -> "SelectionPlan":
-        """``length``: L of the score rows (default: the longest sequence)."""
+              length: int | None = None, dense_below: int = 0) -> "SelectionPlan":
+        """``length``: L of the score rows (default: the longest sequence); a request shorter
+        than ``dense_below`` attends everything, like one its budget covers (its top-K is 0)."""
         lens = seq_lens.detach().to("cpu", torch.int64)
         if length is None:
             length = int(lens.max()) if lens.numel() else 0
-        k = budget.tokens(lens)
-        dense = (budget.least_tokens(lens) + sinks + window) >= lens
+        dense = ((budget.least_tokens(lens) + sinks + window) >= lens) | (lens < dense_below)
+        k = torch.where(lens < dense_below, 0, budget.tokens(lens))
         pos = torch.arange(length)
         fixed = ((pos < sinks) | (pos >= lens.view(-1, 1) - window) | dense.view(-1, 1)) & (pos < lens.view(-1, 1))
         device = device if device is not None else seq_lens.device

@@ -69,13 +69,14 @@ def server_env(env: dict | None = None) -> dict:
 
 @contextmanager
 def launch_server(model_path, backend: str = "a2ats", extra_args=(), env: dict | None = None, timeout: float = 300.0,
-                  log_path: Path | None = None):
-    """Yield a running :class:`Server`; raise RuntimeError with the log tail if it dies or never gets healthy."""
+                  log_path: Path | None = None, cwd: Path | None = None):
+    """Yield a running :class:`Server` (its process in ``cwd``, default this one's); raise
+    RuntimeError with the log tail if it dies or never gets healthy."""
     port = free_port()
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{backend}-", suffix=".log")[1])
     with open(log_path, "w") as log:
         proc = subprocess.Popen(server_command(model_path, backend, port, extra_args), stdout=log, stderr=subprocess.STDOUT,
-                                env=server_env(env), start_new_session=True)
+                                env=server_env(env), start_new_session=True, cwd=cwd)
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         deadline = time.time() + timeout

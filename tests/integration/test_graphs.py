@@ -2,7 +2,7 @@
 step compiled per batch-size bucket gives the same greedy tokens as eager decode, for
 a2ats and the dense baseline, at batch sizes inside, between and above the captured
 buckets; for requests the budget covers, requests it does not, and requests that grow
-past the covered length while they decode. Configurations that are not captured (offload,
+past the length a2ats retrieves from while they decode. Configurations that are not captured (offload,
 the torch kernels, a backend without the hooks) serve eagerly and say why."""
 
 import concurrent.futures as cf
@@ -30,16 +30,24 @@ def covered_up_to() -> int:
     return int(lens[budget.least_tokens(lens) + cfg.sinks + cfg.window >= lens].max())
 
 
-def prompts():
-    """(name, text): covered, crossing the covered length while decoding, and long."""
-    return [("covered", "The capital of France is"), ("crossing", long_text(470, offset=7)[:470]),
-            ("long", long_text(6000, offset=3)), ("long2", long_text(4000, offset=90) + "\n\nIn short,")]
+def dense_below(srv) -> int:
+    """The length from which a2ats retrieves, as the server logged it (auto on CPU)."""
+    return int(re.search(r"dense below (\d+) tokens \(auto\)", srv.log())[1])
 
 
-def answers(srv, concurrency: int):
-    """Greedy answers to :func:`prompts`, sent ``concurrency`` at a time (repeated to fill
-    the batch) -> {name: (prompt tokens, text)}."""
-    items = prompts()
+def prompts(model_dir, boundary: int):
+    """(name, text): covered, one that reaches ``boundary`` tokens while decoding, and long ones."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(long_text(8 * boundary, offset=7), add_special_tokens=False).input_ids[:boundary - NEW_TOKENS // 2]
+    return [("covered", "The capital of France is"), ("crossing", tok.decode(ids)),
+            ("long", long_text(9000, offset=3)), ("long2", long_text(12000, offset=90) + "\n\nIn short,")]
+
+
+def answers(srv, items, concurrency: int):
+    """Greedy answers to ``items`` (:func:`prompts`), sent ``concurrency`` at a time (repeated
+    to fill the batch) -> {name: (prompt tokens, text)}."""
     work = [items[i % len(items)] for i in range(max(concurrency, len(items)))]
     with cf.ThreadPoolExecutor(concurrency) as pool:
         outs = list(pool.map(lambda item: generate(srv, item[1], NEW_TOKENS, ignore_eos=True), work))
@@ -56,13 +64,15 @@ def decode_lines(srv, graph: bool) -> list[int]:
     return [int(n) for n in re.findall(rf"Decode batch, #running-req: (\d+),.*cpu graph: {flag}", srv.log())]
 
 
-def assert_same_answers_as_eager(graphs, eager):
-    want = answers(eager, 1)
+def assert_same_answers_as_eager(graphs, eager, items, boundary: int):
+    """``boundary``: the length past which requests stop attending everything (a2ats: its
+    dense-below length), which the crossing prompt reaches while it decodes."""
+    want = answers(eager, items, 1)
     tokens = want["crossing"][0]
-    assert tokens <= covered_up_to() < tokens + NEW_TOKENS, tokens  # covered, then retrieving, in one request
-    assert want["long"][0] > 1000
+    assert tokens < boundary < tokens + NEW_TOKENS - 1, (tokens, boundary)  # dense, then retrieving, in one request
+    assert want["long"][0] > boundary
     for concurrency in (1, 3, 6):  # a captured size, one padded to the next bucket, one above every bucket
-        assert answers(graphs, concurrency) == want, concurrency
+        assert answers(graphs, items, concurrency) == want, concurrency
     ran = decode_lines(graphs, True)
     assert 1 in ran and 3 in ran, ran  # bs 1 replayed; bs 3 replayed padded to 4
     assert any(n > int(BUCKETS[-1]) for n in decode_lines(graphs, False))  # bs 6: eager in the same server
@@ -70,8 +80,10 @@ def assert_same_answers_as_eager(graphs, eager):
 
 
 def test_a2ats_under_graphs_answers_as_eager(default_model_dir, a2ats):
+    boundary = dense_below(a2ats)
+    assert boundary > covered_up_to()  # the default codebooks' lookup table outweighs dense attention at short contexts
     with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS) as srv:
-        assert_same_answers_as_eager(srv, a2ats)
+        assert_same_answers_as_eager(srv, a2ats, prompts(default_model_dir, boundary), boundary)
         shares = [float(s) for s in re.findall(r"a2ats decode batch: .* attended ([\d.]+)% of context \(", srv.log())]
         assert shares and min(shares) < 50.0  # the long prompts really retrieved under graphs
         assert re.search(r"Capture target decode CPU graph end\. bs=\[1, 4\]", srv.log())
@@ -82,7 +94,8 @@ def test_offload_with_graphs_asked_for_decodes_eagerly(default_model_dir, a2ats)
     than eager): the server says why, decodes eagerly, and answers as on-device eager (which
     offload equals)."""
     with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS + ["--a2ats-offload"]) as srv:
-        assert answers(srv, 3) == answers(a2ats, 1)
+        items = prompts(default_model_dir, dense_below(a2ats))
+        assert answers(srv, items, 3) == answers(a2ats, items, 1)
         assert re.search(r"CPU graph capture failed \(ValueError: a2ats offload decodes eagerly", srv.log())
         assert decode_lines(srv, False) and not decode_lines(srv, True)
 
@@ -90,7 +103,8 @@ def test_offload_with_graphs_asked_for_decodes_eagerly(default_model_dir, a2ats)
 def test_dense_baseline_under_graphs_answers_as_eager(default_model_dir):
     with launch_server(default_model_dir, "a2ats_dense", SERVER_ARGS) as eager, \
             launch_server(default_model_dir, "a2ats_dense", SERVER_ARGS + GRAPHS) as srv:
-        assert_same_answers_as_eager(srv, eager)
+        boundary = covered_up_to()
+        assert_same_answers_as_eager(srv, eager, prompts(default_model_dir, boundary), boundary)
 
 
 @pytest.mark.parametrize("backend, extra, reason", [

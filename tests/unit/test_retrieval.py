@@ -12,6 +12,7 @@ from a2ats_sglang.core.retrieval import (
     distance_bounds,
     lookup_table,
     mask_to_positions,
+    retrieval_break_even,
     select,
     wrope_distances,
 )
@@ -149,6 +150,45 @@ def test_top_p_bounds_and_covered_requests():
     plan = SelectionPlan.build(torch.tensor([100, 30]), budget, 4, 8)
     assert plan.fixed_host[1, :30].all() and not plan.fixed_host[0].all()  # 40 + 12 >= 30: covered
     assert plan.k.tolist() == [100, 40] and plan.kmax == 100
+
+
+def test_requests_below_dense_below_attend_everything_the_rest_retrieve():
+    budget = Budget(0.03, 8, 1000, 0.0)
+    plan = SelectionPlan.build(torch.tensor([300, 120, 119]), budget, 4, 8, dense_below=120)
+    alone = SelectionPlan.build(torch.tensor([300, 120]), budget, 4, 8)
+    assert plan.k.tolist() == [9, 8, 0] and plan.fixed_host[2, :119].all() and not plan.covered
+    assert torch.equal(plan.fixed_host[:2, :], alone.fixed_host) and plan.kmax == alone.kmax
+    scores = torch.randn(3, 2, 300)
+    scores[:, :, 119:] = float("-inf")
+    got = plan.retrieved(scores, 1)
+    assert not got[2].any() and torch.equal(got[:2], alone.retrieved(scores[:2], 1))
+    assert SelectionPlan.build(torch.tensor([119, 50]), budget, 4, 8, dense_below=120).covered
+
+
+def test_retrieval_break_even_from_the_lookup_table_and_budget():
+    """Dense costs 2 L dot products per query head, retrieval (WRoPE buckets read) x C + 2 x
+    attended; the break-even is the length from which retrieval always costs less."""
+    one_token = Budget(1e-9, 1, 1, 0.0)  # one token per query head: attended = g + sinks + window
+
+    def costs(lens, used, c, g, sinks, window):
+        return used * c + 2 * min(lens, g + sinks + window), 2 * lens
+
+    # one distance: C + 2 (g + s + w) < 2 L from L = C/2 + g + s + w + 1 on
+    assert retrieval_break_even((2048,), 512, one_token, 0, 1, 1, 10_000) == 256 + 2 + 1
+    assert retrieval_break_even((2048,), 512, one_token, 4, 8, 3, 10_000) == 256 + 15 + 1
+    # a second bucket read from distance 139 (the geometric midpoint of 96 and 200) on: 2 C, paid from 515
+    two = (96, 200)
+    assert retrieval_break_even(two, 512, one_token, 0, 1, 1, 10_000) == 515
+    for n in (259, 514):
+        sparse, dense = costs(n, 2 if n - 1 >= math.sqrt(96 * 200) else 1, 512, 1, 0, 1)
+        assert sparse >= dense  # short of the break-even, by its own rule
+    # more codes or wider groups push it out; a server whose longest sequence never pays stays dense
+    default = Budget(0.03, 32, 1 << 30, 0.0)
+    eight = wrope_distances(8)
+    assert (retrieval_break_even(eight, 512, default, 8, 64, 1, 1 << 17)
+            < retrieval_break_even(eight, 512, default, 8, 64, 8, 1 << 17)
+            < retrieval_break_even(eight, 4096, default, 8, 64, 8, 1 << 17))
+    assert retrieval_break_even(eight, 4096, default, 8, 64, 8, 2000) == 2001
 
 
 def test_budget_covering_the_sequence_selects_everything():
