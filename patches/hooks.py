@@ -3,7 +3,8 @@
 - ``ServerArgs.add_cli_args`` (AFTER): adds the ``--a2ats-*`` flag group.
 - ``ServerArgs.from_cli_args`` (BEFORE): validates the flags and exports them as
   ``SGLANG_A2ATS_*`` so scheduler processes see them; with ``--attention-backend
-  a2ats`` it also checks the codebooks file is there, so a bad start fails at once.
+  a2ats`` it also refuses options (:func:`unsupported_options`) and models (MLA) a2ats cannot
+  serve with and checks the codebooks file is there, so a bad start fails at once.
 - ``handle_attention_backend_compatibility`` (AFTER): CUDA graphs are turned off for the
   backend (logged), as SGLang does for ``torch_native``: its CUDA-graph hooks have never run
   on a GPU. On ``--device cpu`` SGLang's CPU graph runner calls the backend's CPU graph hooks
@@ -43,8 +44,10 @@ def _add_cli_args(result, parser, *args, **kwargs):
 def _from_cli_args(*args, **kwargs):
     from pathlib import Path
 
-    from a2ats_sglang.core.codebook import default_codebook_path
+    from transformers import AutoConfig
+
     from a2ats_sglang.config import A2ATSConfig
+    from a2ats_sglang.core.codebook import CodebookMismatch, check_attention_kind, default_codebook_path
 
     ns = args[-1] if args else kwargs["args"]
     try:
@@ -57,6 +60,18 @@ def _from_cli_args(*args, **kwargs):
         raise SystemExit("error: --a2ats-offload needs --attention-backend a2ats for prefill and decode "
                          "(the KV pool lives in host memory, which only a2ats reads)")
     if getattr(ns, "attention_backend", None) == "a2ats" or getattr(ns, "decode_attention_backend", None) == "a2ats":
+        refused = unsupported_options(ns)
+        if refused:
+            raise SystemExit("error: a2ats: " + "; ".join(refused))
+        if (Path(ns.model_path) / "config.json").is_file():  # a model a2ats cannot serve stops before its weights load
+            try:
+                hf = AutoConfig.from_pretrained(ns.model_path, trust_remote_code=bool(getattr(ns, "trust_remote_code", 0)))
+            except (OSError, ValueError):  # SGLang reports a config it cannot read itself
+                hf = None
+            try:
+                check_attention_kind(getattr(hf, "text_config", None) or hf)
+            except CodebookMismatch as e:
+                raise SystemExit(f"error: {e}") from None
         path = Path(cfg.codebook) if cfg.codebook else default_codebook_path(ns.model_path)
         if Path(ns.model_path).is_dir() and not path.is_file():
             raise SystemExit(
@@ -66,6 +81,22 @@ def _from_cli_args(*args, **kwargs):
             )
     cfg.to_env()
     return None
+
+
+def unsupported_options(ns) -> list[str]:
+    """The SGLang options given in ``ns`` that a2ats cannot serve with, each with the reason."""
+    out = []
+    if getattr(ns, "enable_hierarchical_cache", False):
+        out.append("--enable-hierarchical-cache moves KV pages between device and host behind the attention backend, "
+                   "so the codes a2ats keeps per KV slot would go stale; --a2ats-offload keeps the full KV in host "
+                   "memory instead")
+    dtype = str(getattr(ns, "kv_cache_dtype", "auto") or "auto")
+    if dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32"):
+        out.append(f"--kv-cache-dtype {dtype}: a2ats's kernels attend float32, bfloat16 and float16 KV caches only")
+    if getattr(ns, "speculative_algorithm", None):
+        out.append(f"--speculative-algorithm {ns.speculative_algorithm}: the verify pass attends a tree of draft "
+                   f"tokens, which a2ats's per-request retrieval does not plan")
+    return out
 
 
 def _disable_cuda_graph(result, server_args, *args, **kwargs):

@@ -28,6 +28,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from torch.nn.functional import scaled_dot_product_attention
 
+from a2ats_sglang.backend.layers import ModelAttention
 from a2ats_sglang.backend.planner import CaptureBatch, slot_table
 from a2ats_sglang.kernels.dispatch import DecodeBuffers, Impl, KernelChoice
 
@@ -88,6 +89,12 @@ class CpuDenseAttnBackend(TorchNativeAttnBackend):
     ``torch_native``'s)."""
 
     def __init__(self, model_runner):
+        caps = ModelAttention.of(model_runner.model).logit_caps
+        if caps:
+            layer, cap = next(iter(caps.items()))
+            raise ValueError(f"a2ats on CPU: attention logit soft-capping (layer {layer}: cap {cap:g}; "
+                             f"{len(caps)} layers) is not applied by SGLang's CPU attention (torch_native), on which "
+                             f"prefill and dense layers run here: refused rather than drifting from the model")
         super().__init__(model_runner)
         self.kernels = KernelChoice.select("auto", model_runner.device)
         self.num_attention_heads = model_runner.model_config.num_attention_heads  # all ranks' (a capture sizes by it)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from a2ats_sglang.backend.dense import paged_extend_attention
+from a2ats_sglang.backend.layers import ModelAttention
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
 from a2ats_sglang.core.attention import merge_states
@@ -66,15 +67,14 @@ class OffloadExtendMetadata:
 
 
 def check_offload_model(model) -> None:
-    """Offload attends plain causal layers only: refuse a model with any other."""
-    from sglang.srt.layers.radix_attention import RadixAttention
-
-    for m in model.modules():
-        if isinstance(m, RadixAttention) and (
-                (m.sliding_window_size is not None and m.sliding_window_size > -1) or m.is_cross_attention
-                or float(getattr(m, "logit_cap", 0.0) or 0.0) > 0):
-            raise ValueError(f"a2ats offload: layer {m.layer_id} has a sliding window, cross-attention or a logit "
-                             f"cap; offload supports plain causal attention layers only")
+    """Offload attends plain causal layers only: refuse a model with any other, or with a
+    logit soft-cap (its host attention has none)."""
+    attention = ModelAttention.of(model)
+    if attention.dense:
+        raise ValueError(f"a2ats offload: plain causal attention layers only; this model's {attention.describe()}")
+    if attention.logit_caps:
+        raise ValueError(f"a2ats offload: attention logit soft-capping (layers {sorted(attention.logit_caps)}) is not "
+                         f"supported")
 
 
 class Offload:

@@ -4,8 +4,8 @@ Data flow per step: SGLang calls :meth:`A2ATSAttnBackend.init_forward_metadata` 
 batch (the strategy plans it: :mod:`.planner`), then ``forward_extend`` /
 ``forward_decode`` per layer, which encode the new keys (:mod:`.retriever`) and hand the
 layer to the strategy: :class:`~.on_device.OnDevice` (full KV on the device) or
-:class:`~.offloaded.Offload` (full KV in host memory, a CPU worker). Layers with a
-sliding window or cross-attention stay dense.
+:class:`~.offloaded.Offload` (full KV in host memory, a CPU worker). Layers that are not
+plain causal attention stay dense (:mod:`.layers`, logged at start).
 
 Under SGLang's CPU graph runner (``--enable-torch-compile`` on ``--device cpu``) the
 backend implements its hooks: :meth:`A2ATSAttnBackend.init_cpu_graph_state` sizes the
@@ -22,6 +22,7 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from a2ats_sglang.backend.layers import ModelAttention, dense_reason
 from a2ats_sglang.backend.parallel import TensorParallel
 from a2ats_sglang.backend.planner import AttendedShare, CaptureBatch, DecodePlanner
 from a2ats_sglang.backend.retriever import Retriever
@@ -43,7 +44,9 @@ class A2ATSAttnBackend(AttentionBackend):
         super().__init__()
         cfg = self.config = config or A2ATSConfig.from_env()
         tp = tp or TensorParallel.of_process()
-        books, rope, path = load_for_model_runner(model_runner, cfg.codebook)
+        self.attention = ModelAttention.of(model_runner.model)
+        books, rope, path = load_for_model_runner(
+            model_runner, cfg.codebook, self.attention.rope(model_runner.model, model_runner.model_config.context_len))
         heads = tp.local_kv_heads(books.shape.num_kv_heads)
         pool, device = model_runner.token_to_kv_pool, model_runner.device
         self.max_context = model_runner.req_to_token_pool.req_to_token.shape[1]  # the longest sequence admitted
@@ -71,9 +74,9 @@ class A2ATSAttnBackend(AttentionBackend):
                                      pool.get_value_buffer(0).shape[-1])
         self.forward_metadata = None
         logger.info("a2ats: %s, %d codes, WRoPE distances %s, %s + %d sinks + %d window, dense below %d tokens%s; "
-                    "kernel %s (%s); %s", path, books.num_codes, list(books.distances), cfg.budget_policy.describe(),
+                    "kernel %s (%s); %s; %s", path, books.num_codes, list(books.distances), cfg.budget_policy.describe(),
                     cfg.sinks, cfg.window, dense_below, " (auto)" if cfg.dense_below < 0 else "", kernels.impl.value,
-                    kernels.reason, self.strategy.describe())
+                    kernels.reason, self.strategy.describe(), self.attention.describe())
 
     def init_forward_metadata(self, forward_batch):
         idle = forward_batch.forward_mode.is_idle() or not forward_batch.batch_size
@@ -95,8 +98,7 @@ class A2ATSAttnBackend(AttentionBackend):
                                             **kwargs)
 
     def is_sparse_layer(self, layer) -> bool:
-        sw = getattr(layer, "sliding_window_size", None)
-        return layer.layer_id in self.retriever.layers and not (sw is not None and sw > -1) and not layer.is_cross_attention
+        return layer.layer_id in self.retriever.layers and dense_reason(layer) is None
 
     # -- SGLang's CPU graph runner ------------------------------------------------
     def init_cpu_graph_state(self, max_bs: int, max_num_tokens: int) -> None:

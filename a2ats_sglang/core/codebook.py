@@ -29,6 +29,16 @@ def default_codebook_path(model_path: str | Path) -> Path:
     return Path(model_path) / DEFAULT_RELPATH
 
 
+def check_attention_kind(cfg) -> None:
+    """Raise :class:`CodebookMismatch` for a HF (text) config whose attention A2ATS cannot
+    index: multi-head latent attention (MLA: DeepSeek-V2/V3, Kimi), whose keys are not per
+    KV head."""
+    if getattr(cfg, "kv_lora_rank", None):
+        raise CodebookMismatch(f"a2ats: {getattr(cfg, 'model_type', 'this model')} uses multi-head latent attention "
+                               f"(MLA, kv_lora_rank {cfg.kv_lora_rank}): its keys are not per KV head, which A2ATS "
+                               f"needs")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What a codebook must agree with: read from the model's HF config."""
@@ -43,6 +53,7 @@ class ModelShape:
     def from_hf_config(cls, cfg, num_layers: int | None = None) -> "ModelShape":
         """``num_layers`` stands in where the config has no ``num_hidden_layers``."""
         cfg = getattr(cfg, "text_config", None) or cfg
+        check_attention_kind(cfg)
         q_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
         return cls(
@@ -153,12 +164,12 @@ class Codebooks:
         )
 
 
-def load_for_model_runner(model_runner, path: str = "") -> tuple[Codebooks, RopeSpec, Path]:
+def load_for_model_runner(model_runner, path: str = "", rope: RopeSpec | None = None) -> tuple[Codebooks, RopeSpec, Path]:
     """The codebooks an SGLang model runner serves with, in one call: ``path`` (default:
     :func:`default_codebook_path` of the model), loaded and validated against the runner's
-    model shape and the RoPE of its first layer (when it exposes one).
+    model shape and ``rope``, the rotation of its retrieving layers (when it exposes one).
 
-    -> (codebooks, the RoPE that retrieval uses: the model's, else the file's, the file's path).
+    -> (codebooks, the RoPE that retrieval uses: ``rope``, else the file's, the file's path).
     Raises :class:`CodebookMismatch` saying what is missing or differs."""
     mc = model_runner.model_config
     if not path and not getattr(mc, "model_path", None):
@@ -167,9 +178,6 @@ def load_for_model_runner(model_runner, path: str = "") -> tuple[Codebooks, Rope
     books = Codebooks.load(file)
     hf = getattr(mc, "hf_text_config", None) or mc.hf_config
     shape = ModelShape.from_hf_config(hf, num_layers=getattr(model_runner.token_to_kv_pool, "layer_num", None))
-    layers = getattr(getattr(model_runner.model, "model", model_runner.model), "layers", None)
-    rotary = getattr(getattr(layers[0], "self_attn", None), "rotary_emb", None) if layers else None
-    rope = RopeSpec.from_sglang(rotary) if rotary is not None else None
     books.validate(shape, rope, source=f"codebooks {file}")
     return books, rope or books.rope, file
 

@@ -10,6 +10,7 @@ module in the server, the Hugging Face module at calibration), never assumed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -85,9 +86,13 @@ class RopeSpec:
         return {"head_dim": self.head_dim, "rotary_dim": self.rotary_dim, "neox": self.neox, "mscale": self.mscale}
 
     def check_matches(self, other: "RopeSpec", what: str) -> None:
-        """Raise ValueError naming the difference if ``other`` is a different rotary embedding."""
-        if self.describe() != other.describe():
-            raise ValueError(f"{what}: rotary embedding differs: {self.describe()} vs {other.describe()}")
+        """Raise ValueError naming the difference if ``other`` is a different rotary embedding
+        (the magnitude scale compared to float32 precision: calibration and the server
+        compute it in different orders)."""
+        mine, theirs = self.describe(), other.describe()
+        if ([mine[k] for k in ("head_dim", "rotary_dim", "neox")] != [theirs[k] for k in ("head_dim", "rotary_dim", "neox")]
+                or not math.isclose(mine["mscale"], theirs["mscale"], rel_tol=1e-6)):
+            raise ValueError(f"{what}: rotary embedding differs: {mine} vs {theirs}")
         if not torch.allclose(self.inv_freq.float().cpu(), other.inv_freq.float().cpu(), rtol=1e-4, atol=1e-7):
             raise ValueError(f"{what}: rotary frequencies differ (rope theta or scaling)")
 
@@ -117,6 +122,34 @@ class RopeSpec:
         return cls.from_cos_sin_cache(cache, rotary_emb.head_size, bool(rotary_emb.is_neox_style))
 
     @classmethod
+    def from_module(cls, rotary, head_dim: int, context_len: int) -> "RopeSpec":
+        """From the module that rotates a served layer's keys: SGLang's rotary embeddings
+        (their cos/sin cache); Phi-3's LongRoPE (its short factors, which it applies until a
+        position of the batch passes ``original_max_position_embeddings``, after which it
+        re-rotates the whole batch with its long ones: refused when the server's
+        ``context_len`` can pass that); a Hugging Face style module (``inv_freq``,
+        ``attention_scaling``: SGLang's Gemma-3 rotates at model level with one).
+        Raises ValueError for a rotation that cannot be un-rotated."""
+        if hasattr(rotary, "short_factor") and hasattr(rotary, "long_factor"):
+            limit = rotary.original_max_position_embeddings
+            if context_len > limit:
+                raise ValueError(
+                    f"a2ats: the rotary embedding ({type(rotary).__name__}) re-rotates every key of a batch with its "
+                    f"long factors once a position passes {limit}, so keys stored before cannot be un-rotated; serve "
+                    f"with --context-length {limit} or less")
+            cache = rotary._compute_cos_sin_cache(limit, rotary.short_factor, rotary.short_mscale)
+            return cls.from_cos_sin_cache(cache.float(), rotary.head_size, True)
+        if hasattr(rotary, "_compute_cos_sin_cache"):
+            return cls.from_sglang(rotary)
+        if hasattr(rotary, "inv_freq") and "dynamic" not in str(getattr(rotary, "rope_type", "")):
+            return cls.from_hf(rotary, head_dim)
+        raise ValueError(f"a2ats: cannot read the rotation of {type(rotary).__name__} as one linear in position")
+
+    @classmethod
     def from_hf(cls, rotary_emb, head_dim: int) -> "RopeSpec":
-        """From a Hugging Face ``*RotaryEmbedding`` (rotate-half models: Llama, Qwen2, Mistral...)."""
-        return cls(rotary_emb.inv_freq.detach().float().cpu(), head_dim, True, float(rotary_emb.attention_scaling))
+        """From a Hugging Face ``*RotaryEmbedding`` (rotate-half models: Llama, Qwen2, Mistral...;
+        a module with one rotation per layer type, Gemma-3's: the full-attention one, that of
+        the layers a2ats retrieves in)."""
+        kind = "full_attention_" if hasattr(rotary_emb, "full_attention_inv_freq") else ""
+        return cls(getattr(rotary_emb, kind + "inv_freq").detach().float().cpu(), head_dim, True,
+                   float(getattr(rotary_emb, kind + "attention_scaling")))

@@ -3,8 +3,8 @@
 import torch
 
 
-def make_codebooks(num_layers, num_q, num_kv, head_dim, num_codes=16, distances=(4, 16, 64), seed=0):
-    """Random but valid codebooks for a model shape (default rope, base 10000)."""
+def make_codebooks(num_layers, num_q, num_kv, head_dim, num_codes=16, distances=(4, 16, 64), seed=0, rope=None):
+    """Random but valid codebooks for a model shape (``rope``, default: full rotary, base 10000)."""
     from a2ats_sglang.core.codebook import Codebooks, ModelShape
     from a2ats_sglang.core.rope import RopeSpec
 
@@ -15,7 +15,7 @@ def make_codebooks(num_layers, num_q, num_kv, head_dim, num_codes=16, distances=
     return Codebooks(
         centroids=torch.randn(num_layers, num_kv, num_codes, head_dim, generator=g),
         whiten=whiten,
-        rope=RopeSpec(inv, head_dim),
+        rope=rope or RopeSpec(inv, head_dim),
         distances=tuple(distances),
         shape=ModelShape("tiny", num_layers, num_q, num_kv, head_dim),
     )

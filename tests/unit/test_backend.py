@@ -376,3 +376,20 @@ def test_decode_layer_compiles_whole_and_replays_new_batches_without_recompiling
         got += [run(compiled, lens) for lens in batches[1:]]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+
+
+def test_model_attention_names_the_layers_that_stay_dense_and_their_reason():
+    from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+
+    from a2ats_sglang.backend.layers import ModelAttention
+
+    kinds = [dict(sliding_window_size=511), dict(), dict(sliding_window_size=511), dict(logit_cap=30.0),
+             dict(is_cross_attention=True), dict(attn_type=AttentionType.ENCODER_ONLY), dict(use_irope=True)]
+    model = torch.nn.ModuleList([RadixAttention(4, 64, 0.125, 2, layer_id=i, **kw) for i, kw in enumerate(kinds)])
+    att = ModelAttention.of(model)
+    assert att.sparse == [1, 3] and att.logit_caps == {3: 30.0}
+    assert att.dense == {0: "sliding window of 511", 2: "sliding window of 511", 4: "cross-attention",
+                         5: "encoder_only attention", 6: "chunked local attention"}
+    assert att.describe() == ("2 of 7 attention layers retrieve, the others stay dense (sliding window of 511: [0, 2]; "
+                              "cross-attention: [4]; encoder_only attention: [5]; chunked local attention: [6])")
+    assert ModelAttention.of(torch.nn.ModuleList(model[i] for i in (1, 3))).describe() == "all 2 attention layers retrieve"

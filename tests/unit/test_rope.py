@@ -53,3 +53,33 @@ def test_nonlinear_rope_is_rejected():
 def test_rotary_dim_larger_than_head_dim_is_rejected():
     with pytest.raises(ValueError, match="does not fit"):
         spec(head_dim=32, rotary_dim=64)
+
+
+def test_phi3_longrope_reads_its_short_factors_and_refuses_a_context_past_them():
+    """SGLang's LongRoPE rotates a batch with its short factors while no position passes
+    original_max_position_embeddings: the spec inverts exactly that rotation (partial rotary
+    included); a server whose context can pass it is refused."""
+    from sglang.srt.layers.rotary_embedding import get_rope
+
+    short, long = [1.0 + 0.01 * i for i in range(24)], [1.0 + i for i in range(24)]
+    rot = get_rope(64, 48, 16384, 10000, is_neox_style=True, dtype=torch.float32,
+                   rope_scaling={"rope_type": "longrope", "short_factor": short, "long_factor": long,
+                                 "original_max_position_embeddings": 4096})
+    r = RopeSpec.from_module(rot, 64, 4096)
+    assert r.rotary_dim == 48
+    pos = torch.tensor([0, 9, 1000, 4095])
+    q, k = torch.randn(4, 2 * 64), torch.randn(4, 64)
+    _, k_ref = rot.forward(pos, q.clone(), k.clone())
+    torch.testing.assert_close(r.unrotate(k_ref.view(4, 64), pos), k, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="long factors once a position passes 4096.*--context-length 4096"):
+        RopeSpec.from_module(rot, 64, 4097)
+
+
+def test_check_matches_tolerates_float_rounding_of_the_magnitude_only():
+    a = spec(head_dim=32, rotary_dim=32)
+    b = RopeSpec(a.inv_freq, 32, True, 1.1386294361)
+    b.check_matches(RopeSpec(a.inv_freq, 32, True, 1.13862943611), "x")  # calibration vs server, float32 apart
+    with pytest.raises(ValueError, match="rotary embedding differs"):
+        b.check_matches(RopeSpec(a.inv_freq, 32, True, 1.14), "x")
+    with pytest.raises(ValueError, match="rotary embedding differs"):
+        a.check_matches(RopeSpec(a.inv_freq, 32, False), "x")
