@@ -93,6 +93,9 @@ def unsupported_options(ns) -> list[str]:
     dtype = str(getattr(ns, "kv_cache_dtype", "auto") or "auto")
     if dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32"):
         out.append(f"--kv-cache-dtype {dtype}: a2ats's kernels attend float32, bfloat16 and float16 KV caches only")
+    if getattr(ns, "enable_lora", False) and getattr(ns, "device", None) == "cpu":
+        out.append("--enable-lora on --device cpu: SGLang's LoRA layers pin host memory (sglang/srt/lora/layers.py), "
+                   "which needs a CUDA driver, so SGLang cannot serve LoRA on this device with any backend")
     if getattr(ns, "speculative_algorithm", None):
         out.append(f"--speculative-algorithm {ns.speculative_algorithm}: the verify pass attends a tree of draft "
                    f"tokens, which a2ats's per-request retrieval does not plan")

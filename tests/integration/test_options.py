@@ -50,7 +50,9 @@ def test_option_serves_like_dense(default_model_dir, dense_covered, option, mode
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache moves KV pages between device and host"),
     (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3: a2ats's kernels attend float32"),
     (["--speculative-algorithm", "NGRAM"], "--speculative-algorithm NGRAM: the verify pass attends a tree"),
-], ids=["hierarchical-cache", "fp8-kv", "speculative"])
+    (["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "q_proj"],
+     "--enable-lora on --device cpu: SGLang's LoRA layers pin host memory"),
+], ids=["hierarchical-cache", "fp8-kv", "speculative", "lora-on-cpu"])
 def test_option_a2ats_cannot_serve_with_stops_at_start(default_model_dir, option, reason):
     """Refused by the launcher, before any process starts (the same with --a2ats-offload)."""
     for mode in ([], ["--a2ats-offload"]):
@@ -75,3 +77,4 @@ def test_parallel_sampling_and_logprobs_as_dense(a2ats, dense):
     ref = [lp for lp, _, _ in want["meta_info"]["output_token_logprobs"]]
     assert len(got) == len(ref) == 8 and max(abs(a - b) for a, b in zip(got, ref)) < 1e-3, (got, ref)
     assert len(outs[0]["meta_info"]["output_top_logprobs"][0]) == 2
+
