@@ -11,6 +11,9 @@
   instead, which it has.
 - ``cpu_graph_runner.register_fake_ops`` (AROUND): registers the torch.compile fakes of the
   ``sgl_kernel`` CPU operators that exist in this build only (the PyPI build has none).
+- ``numa_utils.init_threads_binding`` (AROUND): on a machine with fewer NUMA nodes than a
+  server's ranks (``--tp-size``/``--dp-size`` > 1 on one node), splits the CPUs evenly
+  between the ranks instead of stopping (unless ``SGLANG_CPU_OMP_THREADS_BIND`` is set).
 - ``layer_boundary.residual.stream.Contribution`` and ``layer_boundary.exit.ExitDecision``
   (class REPLACE): plain-class stand-ins TorchDynamo can construct (:mod:`.traceable`), so a
   compiled decode step does not break at every layer boundary.
@@ -188,6 +191,38 @@ def _fake_ops_of_present_kernels(original, *args, **kwargs):
         runner.register_cpu_compile_fake = strict
 
 
+def cpu_shares(cpus: list[int], ranks: int) -> str:
+    """A ``SGLANG_CPU_OMP_THREADS_BIND`` value giving each of ``ranks`` ranks an equal
+    contiguous share of ``cpus`` (the first ones one more core where they do not divide),
+    or one core each, shared round-robin, when there are more ranks than cores."""
+    if ranks > len(cpus):
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(ranks))
+    base, extra = divmod(len(cpus), ranks)
+    shares, start = [], 0
+    for i in range(ranks):
+        share, start = cpus[start:start + base + (i < extra)], start + base + (i < extra)
+        contiguous = share[-1] - share[0] == len(share) - 1
+        shares.append(f"{share[0]}-{share[-1]}" if contiguous and len(share) > 1 else ",".join(map(str, share)))
+    return "|".join(shares)
+
+
+def _spread_ranks_over_cpus(original, *args, **kwargs):
+    """SGLang binds each CPU rank to a NUMA node and stops when a server has more ranks than
+    nodes unless ``SGLANG_CPU_OMP_THREADS_BIND`` names each rank's cores (one node here, so
+    any ``--tp-size``/``--dp-size`` above 1): without it, every rank takes the same even split
+    of this machine's CPUs (:func:`cpu_shares`), logged."""
+    import os
+
+    from sglang.srt.utils import numa_utils
+
+    world = kwargs.get("world_size", 1)
+    if os.environ.get("SGLANG_CPU_OMP_THREADS_BIND", "all") == "all" and world > len(numa_utils.get_cpu_ids_by_node()):
+        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_shares(sorted(os.sched_getaffinity(0)), world)
+        logger.info("a2ats CPU platform: %d ranks on one NUMA node, SGLANG_CPU_OMP_THREADS_BIND=%s", world,
+                    os.environ["SGLANG_CPU_OMP_THREADS_BIND"])
+    return original(*args, **kwargs)
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -200,6 +235,7 @@ def install() -> None:
     )
     HookRegistry.register("sglang.srt.model_executor.cpu_graph_runner.register_fake_ops", _fake_ops_of_present_kernels,
                           HookType.AROUND)
+    HookRegistry.register("sglang.srt.utils.numa_utils.init_threads_binding", _spread_ranks_over_cpus, HookType.AROUND)
     from a2ats_sglang.patches import traceable
 
     boundary = "sglang.srt.layers.layer_boundary."

@@ -21,6 +21,13 @@ class TensorParallel:
         head = self.rank * num_kv_heads // self.size
         return slice(head, head + 1)
 
+    def local_group(self, num_q_heads: int, num_kv_heads: int) -> int:
+        """Query heads per local KV head on this rank: SGLang gives each rank
+        ``num_q_heads / size`` query heads, and one KV head when the KV heads are replicated
+        (fewer than ranks), so the group shrinks with the ranks then."""
+        local = self.local_kv_heads(num_kv_heads)
+        return num_q_heads // self.size // (local.stop - local.start)
+
     @classmethod
     def of_process(cls) -> "TensorParallel":
         """This process's attention tensor-parallel rank, as SGLang published it; raises

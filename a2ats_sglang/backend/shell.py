@@ -52,7 +52,7 @@ class A2ATSAttnBackend(AttentionBackend):
         self.max_context = model_runner.req_to_token_pool.req_to_token.shape[1]  # the longest sequence admitted
         kernels = KernelChoice.select(cfg.kernel, device)
         self.retriever = Retriever(books, rope, heads, pool.get_key_buffer(0).shape[0], kernels, device)
-        group = books.shape.num_q_heads // books.shape.num_kv_heads
+        group = tp.local_group(books.shape.num_q_heads, books.shape.num_kv_heads)
         dense_below = cfg.dense_below
         if dense_below < 0:  # auto: the CPU's break-even (a GPU runs the table as a GEMM far above attention's rate)
             dense_below = 0 if torch.device(device).type != "cpu" else retrieval_break_even(

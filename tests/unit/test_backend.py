@@ -247,6 +247,10 @@ def test_tensor_parallel_kv_head_split():
 
     assert [TensorParallel(r, 4).local_kv_heads(8) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
     assert [TensorParallel(r, 4).local_kv_heads(2) for r in range(4)] == [slice(0, 1), slice(0, 1), slice(1, 2), slice(1, 2)]
+    # query heads per local KV head: the model's group while KV heads split, smaller once they are replicated
+    assert [TensorParallel(0, n).local_group(32, 8) for n in (1, 2, 4, 8)] == [4, 4, 4, 4]
+    assert [TensorParallel(1, n).local_group(8, 1) for n in (1, 2, 4)] == [8, 4, 2]
+    assert TensorParallel(2, 3).local_group(9, 3) == 3 and TensorParallel(3, 4).local_group(16, 2) == 4
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

@@ -184,3 +184,14 @@ def test_calibration_module_refuses_one_code(tmp_path):
     assert r.returncode != 0
     assert f"num_codes must be in [2, {MAX_CODES}], got 1 (--num-codes)" in r.stderr
     assert not (tmp_path / "a2ats").exists()
+
+
+def test_cpu_shares_split_the_machine_between_ranks():
+    """The bind string the CPU platform gives SGLang for more ranks than NUMA nodes."""
+    from a2ats_sglang.patches.hooks import cpu_shares
+
+    assert cpu_shares([0, 1], 3) == "0|1|0"  # more ranks than cores: one each, round-robin
+    assert cpu_shares([0, 1], 2) == "0|1"
+    assert cpu_shares(list(range(8)), 3) == "0-2|3-5|6-7"  # the first ranks one more where they do not divide
+    assert cpu_shares([4, 5, 6, 7], 1) == "4-7"
+    assert cpu_shares([0, 2, 4, 6], 2) == "0,2|4,6"
