@@ -74,9 +74,11 @@ class A2ATSAttnBackend(AttentionBackend):
                                      pool.get_value_buffer(0).shape[-1])
         self.forward_metadata = None
         logger.info("a2ats: %s, %d codes, WRoPE distances %s, %s + %d sinks + %d window, dense below %d tokens%s; "
-                    "kernel %s (%s); %s; %s", path, books.num_codes, list(books.distances), cfg.budget_policy.describe(),
-                    cfg.sinks, cfg.window, dense_below, " (auto)" if cfg.dense_below < 0 else "", kernels.impl.value,
-                    kernels.reason, self.strategy.describe(), self.attention.describe())
+                    "kernel %s (%s); %s; %s; TP rank %d of %d: KV heads %d-%d of %d, %d query heads each",
+                    path, books.num_codes, list(books.distances), cfg.budget_policy.describe(), cfg.sinks, cfg.window,
+                    dense_below, " (auto)" if cfg.dense_below < 0 else "", kernels.impl.value, kernels.reason,
+                    self.strategy.describe(), self.attention.describe(), tp.rank, tp.size, heads.start, heads.stop - 1,
+                    books.shape.num_kv_heads, group)
 
     def init_forward_metadata(self, forward_batch):
         idle = forward_batch.forward_mode.is_idle() or not forward_batch.batch_size

@@ -178,6 +178,12 @@ def load_for_model_runner(model_runner, path: str = "", rope: RopeSpec | None = 
     books = Codebooks.load(file)
     hf = getattr(mc, "hf_text_config", None) or mc.hf_config
     shape = ModelShape.from_hf_config(hf, num_layers=getattr(model_runner.token_to_kv_pool, "layer_num", None))
+    real_kv = getattr(hf, "original_total_num_kv_heads", None)
+    if real_kv is not None and real_kv != shape.num_kv_heads:  # SGLang's CPU tensor parallelism pads heads
+        raise CodebookMismatch(
+            f"a2ats: SGLang pads this model's {real_kv} KV heads to {shape.num_kv_heads} (and its query heads to "
+            f"{shape.num_q_heads}) to split them between tensor-parallel ranks on CPU; padded heads have no "
+            f"codebooks: use a --tp-size that divides {real_kv}")
     books.validate(shape, rope, source=f"codebooks {file}")
     return books, rope or books.rope, file
 

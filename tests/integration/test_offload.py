@@ -6,12 +6,11 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 
 import pytest
 import requests
-from support.serving import SERVER_ARGS, chat, generate
+from support.serving import SERVER_ARGS, chat, generate, stream_until_decoding, worker_pids
 
 from a2ats_sglang.harness.server import launch_server, run_server_expecting_failure
 from a2ats_sglang.calibration.texts import long_text
@@ -23,30 +22,6 @@ pytestmark = pytest.mark.server
 def offload(default_model_dir):
     with launch_server(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-offload", "--a2ats-worker-timeout", "10"]) as srv:
         yield srv
-
-
-def worker_pids(srv):
-    return [int(p) for p in re.findall(r"CPU attention worker pid (\d+) ready", srv.log())]
-
-
-def stream_until_decoding(srv, prompt: str, max_new_tokens: int):
-    """Stream a greedy request in a thread; return (thread, chunks) once 3 chunks arrived
-    (the request is decoding). ``chunks`` keeps filling until the thread ends."""
-    chunks = []
-
-    def stream():
-        with requests.post(srv.url + "/generate", json={"text": prompt, "stream": True, "sampling_params": {
-                "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=600) as r:
-            for line in r.iter_lines():
-                if line.startswith(b"data: ") and line != b"data: [DONE]":
-                    chunks.append(json.loads(line[6:]))
-
-    t = threading.Thread(target=stream)
-    t.start()
-    deadline = time.time() + 300
-    while len(chunks) < 3 and time.time() < deadline:
-        time.sleep(0.05)
-    return t, chunks
 
 
 def test_offload_gives_the_same_tokens_as_on_device(offload, a2ats):

@@ -5,12 +5,15 @@ heads than ranks, SGLang replicates them and each rank keeps one) and data paral
 the ranks (it has one NUMA node)."""
 
 import concurrent.futures as cf
+import os
 import re
+import signal
 
 import pytest
-from support.serving import FACTS, SERVER_ARGS, generate, planted_prompt
+from support.families import family_model
+from support.serving import FACTS, SERVER_ARGS, generate, planted_prompt, stream_until_decoding, worker_pids
 
-from a2ats_sglang.harness.server import launch_server
+from a2ats_sglang.harness.server import launch_server, run_server_expecting_failure
 
 pytestmark = pytest.mark.server
 
@@ -48,8 +51,8 @@ def test_tensor_parallel_3_answers_as_dense_and_as_one_rank(default_model_dir, t
     assert covered == tp1[0]
     assert all(code in text for (_, code), text in zip(FACTS, facts)), facts
     assert facts == tp1[1]  # the same tokens as one rank (float sums in another order did not flip a token here)
-    heads = re.findall(r"a2ats: .*? (\d+) codes", log)
-    assert len(heads) == 3, log[-3000:]  # one backend per rank
+    heads = sorted(re.findall(r"TP rank (\d) of 3: KV heads (\d)-(\d) of 3, 3 query heads each", log))
+    assert heads == [(str(r), str(r), str(r)) for r in range(3)], log[-3000:]  # one KV head and its codebooks each
     assert re.findall(r"attended ([\d.]+)% of context \(", log)
 
 
@@ -63,4 +66,39 @@ def test_data_parallel_2_concurrent_requests_answer_as_sequential(default_model_
         log = srv.log()
     want = tp1[0] + tp1[1]
     assert outs == want + want
-    assert len(re.findall(r"a2ats: .*? (\d+) codes", log)) == 2  # one backend per replica
+    assert len(re.findall(r"TP rank 0 of 1: KV heads 0-2 of 3", log)) == 2  # one backend per replica
+
+
+def test_offload_with_tensor_parallel_3_answers_as_on_device_and_survives_a_dead_worker(default_model_dir, tp1):
+    """Each rank its own host pool share and CPU worker: the planted facts answered with
+    on-device's tokens (here at TP = 1, which TP = 3 on-device equals above); killing one
+    rank's worker mid-stream leaves the server answering."""
+    args = SERVER_ARGS + ["--tp-size", "3", "--a2ats-offload", "--a2ats-worker-timeout", "10"] + RANKS_ARGS
+    with launch_server(default_model_dir, "a2ats", args, env=RANKS_ENV) as srv:
+        assert answers(srv) == tp1
+        pids = worker_pids(srv)
+        assert len(set(pids)) == 3, srv.log()[-3000:]  # one worker per rank
+        t, chunks = stream_until_decoding(srv, planted_prompt(*FACTS[2], offset=80) + " Write more:", 30)
+        os.kill(pids[1], signal.SIGKILL)
+        t.join(600)
+        assert chunks and chunks[-1]["meta_info"]["completion_tokens"] == 30
+        assert "restarting CPU attention worker pid %d" % pids[1] in srv.log()
+        assert answers(srv) == tp1
+
+
+@pytest.fixture(scope="module")
+def one_kv_head_model(tmp_path_factory, default_model_dir):
+    """A Llama-3.1-shaped model (random weights) with 8 query heads and one KV head."""
+    return family_model(tmp_path_factory.mktemp("one_kv"), default_model_dir, "llama3.1", num_key_value_heads=1)
+
+
+def test_kv_heads_sglang_pads_for_cpu_tensor_parallelism_stop_at_start(one_kv_head_model):
+    """8 query heads and 1 KV head over 2 ranks: on CPU SGLang pads the heads to 16 / 2 (it
+    replicates KV heads only on GPUs), and padded heads have no codebooks: refused with the
+    reason."""
+    model = one_kv_head_model
+    args = ["--load-format", "dummy", "--context-length", "4096", "--tp-size", "2",
+            "--a2ats-codebook", str(model / "codebooks.safetensors")] + RANKS_ARGS
+    code, log = run_server_expecting_failure(model, "a2ats", args, env=RANKS_ENV)
+    assert code != 0 and "SGLang pads this model's 1 KV heads to 2 (and its query heads to 16)" in log, log[-3000:]
+    assert "use a --tp-size that divides 1" in log

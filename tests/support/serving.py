@@ -50,3 +50,36 @@ def planted_facts_answered(srv, facts=FACTS):
         assert out["meta_info"]["prompt_tokens"] >= 2000
         right += code in out["text"]
     return right
+
+
+def worker_pids(srv):
+    """Pids of the CPU attention workers the server started, in order."""
+    import re
+
+    return [int(p) for p in re.findall(r"CPU attention worker pid (\d+) ready", srv.log())]
+
+
+def stream_until_decoding(srv, prompt: str, max_new_tokens: int):
+    """Stream a greedy request in a thread; return (thread, chunks) once 3 chunks arrived
+    (the request is decoding). ``chunks`` keeps filling until the thread ends."""
+    import json
+    import threading
+    import time
+
+    import requests
+
+    chunks = []
+
+    def stream():
+        with requests.post(srv.url + "/generate", json={"text": prompt, "stream": True, "sampling_params": {
+                "max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.time() + 300
+    while len(chunks) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    return t, chunks
