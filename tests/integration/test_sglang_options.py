@@ -60,9 +60,18 @@ def test_option_a2ats_cannot_serve_with_stops_at_start(default_model_dir, option
         assert code != 0 and reason in out, out[-2000:]
 
 
-def test_parallel_sampling_and_logprobs_as_dense(a2ats, dense):
+@pytest.fixture(scope="module")
+def offload(default_model_dir):
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-offload"]) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("mode", ["a2ats", "offload"], ids=["on-device", "offload"])
+def test_parallel_sampling_and_logprobs_as_dense(request, dense, mode):
     """n > 1 greedy samples are the dense greedy answer each; return_logprob gives the dense
     backend's log-probabilities (to float rounding) for a prompt the budget covers."""
+    a2ats = request.getfixturevalue(mode)
+
     def ask(srv, **extra):
         r = requests.post(srv.url + "/generate", json={"text": COVERED[0], "return_logprob": True, "top_logprobs_num": 2,
                                                        "sampling_params": {"max_new_tokens": 8, "temperature": 0,
