@@ -72,7 +72,7 @@ def _from_cli_args(*args, **kwargs):
             except (OSError, ValueError):  # SGLang reports a config it cannot read itself
                 hf = None
             try:
-                check_attention_kind(getattr(hf, "text_config", None) or hf)
+                check_attention_kind(hf)
             except CodebookMismatch as e:
                 raise SystemExit(f"error: {e}") from None
         path = Path(cfg.codebook) if cfg.codebook else default_codebook_path(ns.model_path)

@@ -33,6 +33,7 @@ def check_attention_kind(cfg) -> None:
     """Raise :class:`CodebookMismatch` for a HF (text) config whose attention A2ATS cannot
     index: multi-head latent attention (MLA: DeepSeek-V2/V3, Kimi), whose keys are not per
     KV head."""
+    cfg = getattr(cfg, "text_config", None) or cfg
     if getattr(cfg, "kv_lora_rank", None):
         raise CodebookMismatch(f"a2ats: {getattr(cfg, 'model_type', 'this model')} uses multi-head latent attention "
                                f"(MLA, kv_lora_rank {cfg.kv_lora_rank}): its keys are not per KV head, which A2ATS "
