@@ -73,6 +73,8 @@ class A2ATSAttnBackend(AttentionBackend):
                                      self.stats, self.retriever.kv_heads * group, pool.get_key_buffer(0).shape[-1],
                                      pool.get_value_buffer(0).shape[-1])
         self.forward_metadata = None
+        self.sparse_layers = frozenset(self.attention.sparse).intersection(self.retriever.layers) if (
+            self.attention.layers) else None  # read once: which layers retrieve is fixed at start
         logger.info("a2ats: %s, %d codes, WRoPE distances %s, %s + %d sinks + %d window, dense below %d tokens%s; "
                     "kernel %s (%s); %s; %s; TP rank %d of %d: KV heads %d-%d of %d, %d query heads each",
                     path, books.num_codes, list(books.distances), cfg.budget_policy.describe(), cfg.sinks, cfg.window,
@@ -100,7 +102,9 @@ class A2ATSAttnBackend(AttentionBackend):
                                             **kwargs)
 
     def is_sparse_layer(self, layer) -> bool:
-        return layer.layer_id in self.retriever.layers and dense_reason(layer) is None
+        if self.sparse_layers is not None:
+            return layer.layer_id in self.sparse_layers
+        return layer.layer_id in self.retriever.layers and dense_reason(layer) is None  # a model without RadixAttention
 
     # -- SGLang's CPU graph runner ------------------------------------------------
     def init_cpu_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
