@@ -43,9 +43,9 @@ class A2ATSConfig:
                                  "torch (references), cpp (the C++ CPU kernels), triton", choices=KERNELS)
     offload: bool = option(False, "keep the full KV in shared host memory and attend retrieved tokens in a CPU worker "
                                   "process; the device keeps codes, sinks and window")
-    host_kv_gb: float = option(0.0, "offload: GB of host memory for the full KV pool (0 = auto: half the available "
-                                    "host memory per rank on a GPU; on --device cpu the pool shares SGLang's memory "
-                                    "budget)", min=0)
+    host_kv_gb: float = option(0.0, "offload: GB of host memory for the full KV pool, split evenly between the "
+                                    "server's ranks (0 = auto: half the available host memory on a GPU; on --device "
+                                    "cpu the pool shares SGLang's memory budget)", min=0)
     worker_timeout: float = option(30.0, "seconds before an unanswered CPU worker is replaced", min=0, min_exclusive=True)
 
     def __post_init__(self):

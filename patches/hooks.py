@@ -144,13 +144,14 @@ def _offload_budget(result, configurator, *args, **kwargs):
     cfg = _offload_config()
     if cfg is None:
         return None
-    from sglang.srt.runtime_context import get_schedule
+    from sglang.srt.runtime_context import get_parallel, get_schedule
 
     from a2ats_sglang.offload.host_pool import OffloadSizing, host_kv_bytes
 
     sizing = OffloadSizing.of(configurator, cfg.sinks, cfg.window)
     requests = get_schedule().max_running_requests or sizing.default_requests(result)
-    host = host_kv_bytes(cfg.host_kv_gb, configurator.device)
+    p = get_parallel()
+    host = host_kv_bytes(cfg.host_kv_gb, configurator.device, p.dp_size * p.tp_size * p.pp_size)
     tokens = sizing.capacity(result, requests + 1, host)  # SGLang's request table has one padding row
     _offload_requests[id(configurator)] = requests
     logger.info(
@@ -191,35 +192,23 @@ def _fake_ops_of_present_kernels(original, *args, **kwargs):
         runner.register_cpu_compile_fake = strict
 
 
-def cpu_shares(cpus: list[int], ranks: int) -> str:
-    """A ``SGLANG_CPU_OMP_THREADS_BIND`` value giving each of ``ranks`` ranks an equal
-    contiguous share of ``cpus`` (the first ones one more core where they do not divide),
-    or one core each, shared round-robin, when there are more ranks than cores."""
-    if ranks > len(cpus):
-        return "|".join(str(cpus[i % len(cpus)]) for i in range(ranks))
-    base, extra = divmod(len(cpus), ranks)
-    shares, start = [], 0
-    for i in range(ranks):
-        share, start = cpus[start:start + base + (i < extra)], start + base + (i < extra)
-        contiguous = share[-1] - share[0] == len(share) - 1
-        shares.append(f"{share[0]}-{share[-1]}" if contiguous and len(share) > 1 else ",".join(map(str, share)))
-    return "|".join(shares)
-
-
 def _spread_ranks_over_cpus(original, *args, **kwargs):
     """SGLang binds each CPU rank to a NUMA node and stops when a server has more ranks than
     nodes unless ``SGLANG_CPU_OMP_THREADS_BIND`` names each rank's cores (one node here, so
     any ``--tp-size``/``--dp-size`` above 1): without it, every rank takes the same even split
-    of this machine's CPUs (:func:`cpu_shares`), logged."""
+    of this machine's CPUs (:func:`~a2ats_sglang.backend.parallel.cpu_shares`), logged."""
     import os
 
     from sglang.srt.utils import numa_utils
 
+    from a2ats_sglang.backend.parallel import CPU_BIND_ENV, cpu_shares, format_cpu_list
+
     world = kwargs.get("world_size", 1)
-    if os.environ.get("SGLANG_CPU_OMP_THREADS_BIND", "all") == "all" and world > len(numa_utils.get_cpu_ids_by_node()):
-        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_shares(sorted(os.sched_getaffinity(0)), world)
-        logger.info("a2ats CPU platform: %d ranks on one NUMA node, SGLANG_CPU_OMP_THREADS_BIND=%s", world,
-                    os.environ["SGLANG_CPU_OMP_THREADS_BIND"])
+    if os.environ.get(CPU_BIND_ENV, "all") == "all" and world > len(numa_utils.get_cpu_ids_by_node()):
+        shares = cpu_shares(sorted(os.sched_getaffinity(0)), world)
+        os.environ[CPU_BIND_ENV] = "|".join(map(format_cpu_list, shares))
+        logger.info("a2ats CPU platform: %d ranks on one NUMA node, %s=%s", world, CPU_BIND_ENV,
+                    os.environ[CPU_BIND_ENV])
     return original(*args, **kwargs)
 
 

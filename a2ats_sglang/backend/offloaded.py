@@ -23,6 +23,7 @@ import torch
 
 from a2ats_sglang.backend.dense import paged_extend_attention
 from a2ats_sglang.backend.layers import ModelAttention
+from a2ats_sglang.backend.parallel import rank_cpus
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
 from a2ats_sglang.core.attention import merge_states
@@ -66,6 +67,15 @@ class OffloadExtendMetadata:
     prefix_rows: torch.Tensor
 
 
+def rank_share_of_cpus() -> list[int]:
+    """This rank's share of the machine's CPUs (SGLang's bind string, else an even split
+    between the server's ranks), where its CPU worker runs."""
+    from sglang.srt.runtime_context import get_device, get_parallel
+
+    p = get_parallel()
+    return rank_cpus(get_device().gpu_id, p.dp_size * p.tp_size * p.pp_size)
+
+
 def check_offload_model(model) -> None:
     """Offload attends plain causal layers only: refuse a model with any other, or with a
     logit soft-cap (its host attention has none)."""
@@ -99,7 +109,7 @@ class Offload:
         per_head = int(planner.budget.tokens(torch.tensor([longest]))[0])
         self.worker: CPUAttentionWorker | None = CPUAttentionWorker(
             pool.shared_region, pool.kv_layout, self.q_heads, batch=requests, slots=planner.group * per_head,
-            timeout=worker_timeout)
+            timeout=worker_timeout, cpus=rank_share_of_cpus())
         atexit.register(self.close)
         codes = retriever.codes.numel() * retriever.codes.element_size()
         logger.info("a2ats offload: on the device %.1f MiB of codes (%d tokens) + %.1f MiB of resident windows "

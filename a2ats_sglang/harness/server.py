@@ -74,22 +74,48 @@ def launch_server(model_path, backend: str = "a2ats", extra_args=(), env: dict |
     RuntimeError with the log tail if it dies or never gets healthy."""
     port = free_port()
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{backend}-", suffix=".log")[1])
+    with serving(server_command(model_path, backend, port, extra_args), port, log_path, server_env(env), timeout,
+                 cwd) as srv:
+        yield srv
+
+
+@contextmanager
+def launch_router(worker_urls, policy: str = "cache_aware", extra_args=(), timeout: float = 120.0):
+    """Yield SGLang's router (``sglang-router``) in front of running servers ``worker_urls``,
+    routing by ``policy`` (``cache_aware``, ``round_robin``, ...), as a :class:`Server`."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+           "--policy", policy, "--worker-urls", *worker_urls, *map(str, extra_args)]
+    log_path = Path(tempfile.mkstemp(prefix=f"sglang-router-{policy}-", suffix=".log")[1])
+    with serving(cmd, port, log_path, dict(os.environ), timeout) as router:
+        deadline = time.time() + timeout  # the router registers its workers after it answers /health
+        while {w["url"] for w in requests.get(router.url + "/workers", timeout=5).json()["workers"]
+               if w["is_healthy"]} != set(worker_urls):
+            if time.time() > deadline:
+                raise RuntimeError(f"router did not register {worker_urls} in {timeout:.0f}s:\n{router.log()[-4000:]}")
+            time.sleep(0.5)
+        yield router
+
+
+@contextmanager
+def serving(cmd: list[str], port: int, log_path: Path, env: dict, timeout: float, cwd: Path | None = None):
+    """Run ``cmd`` (an HTTP server on ``port``, output to ``log_path``) in its own process
+    group until ``/health`` answers 200, yield it as a :class:`Server`, stop it after."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(server_command(model_path, backend, port, extra_args), stdout=log, stderr=subprocess.STDOUT,
-                                env=server_env(env), start_new_session=True, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {proc.returncode}:\n{srv.log()[-4000:]}")
+                raise RuntimeError(f"{cmd[2]} exited with code {proc.returncode}:\n{srv.log()[-4000:]}")
             try:
                 if requests.get(srv.url + "/health", timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             if time.time() > deadline:
-                raise RuntimeError(f"server not healthy after {timeout:.0f}s:\n{srv.log()[-4000:]}")
+                raise RuntimeError(f"{cmd[2]} not healthy after {timeout:.0f}s:\n{srv.log()[-4000:]}")
             time.sleep(1)
         yield srv
     finally:

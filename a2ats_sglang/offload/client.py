@@ -35,14 +35,16 @@ class CPUAttentionWorker:
 
     ``kv_region``/``kv_layout``: the host KV pool; ``q_heads``: query heads of this rank;
     ``batch``/``slots``: the arena's first size (it grows on demand); ``timeout``: seconds a
-    reply may take; ``threads``: the worker's torch threads (default: half the cores)."""
+    reply may take; ``cpus``: the CPUs the worker runs on (default: this process's), its torch
+    threads half of them (the rank's own compute runs meanwhile)."""
 
     def __init__(self, kv_region: SharedRegion, kv_layout: KVLayout, q_heads: int, batch: int, slots: int,
-                 timeout: float = 30.0, threads: int | None = None):
+                 timeout: float = 30.0, cpus: list[int] | None = None):
         self.kv_region, self.kv = kv_region, kv_layout
         self.q_heads = q_heads
         self.timeout = timeout
-        self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
+        self.cpus = sorted(cpus or os.sched_getaffinity(0))
+        self.threads = max(1, len(self.cpus) // 2)
         self.restarts = 0
         self.proc = None
         self.sock = None
@@ -68,7 +70,7 @@ class CPUAttentionWorker:
                    "--kv-fd", self.kv_region.fd, "--arena-fd", self.arena_region.fd, "--layers", kv.num_layers,
                    "--kv-slots", kv.slots, "--kv-heads", kv.kv_heads, "--q-heads", self.q_heads, "--head-dim",
                    kv.head_dim, "--v-head-dim", kv.v_head_dim, "--batch", arena.batch, "--slots", arena.slots,
-                   "--parent", os.getpid(), "--threads", self.threads]
+                   "--parent", os.getpid(), "--threads", self.threads, "--cpus", ",".join(map(str, self.cpus))]
             self.proc = subprocess.Popen([str(c) for c in cmd], pass_fds=(self.kv_region.fd, self.arena_region.fd))
             self.sock = self._ctx.socket(zmq.PAIR)
             self.sock.setsockopt(zmq.LINGER, 0)
@@ -78,7 +80,8 @@ class CPUAttentionWorker:
         except BaseException:  # no half-started worker, directory or region is left behind
             self._stop_process()
             raise
-        logger.info("a2ats: CPU attention worker pid %d ready (ipc %s, %d threads)", self.proc.pid, ipc, self.threads)
+        logger.info("a2ats: CPU attention worker pid %d ready (ipc %s, %d threads on CPUs %s)", self.proc.pid, ipc,
+                    self.threads, ",".join(map(str, self.cpus)))
 
     def _stop_process(self) -> None:
         """Kill the worker (if running) and remove its directory and arena; safe to repeat."""

@@ -68,15 +68,24 @@ class OffloadSizing:
     def capacity(self, device_bytes: int, requests: int, host_bytes: int | None) -> int:
         """Tokens of the pool: the device holds codes for every token plus ``requests``
         resident windows; the host holds full K/V (``host_bytes``; None = the same memory
-        as the device's, e.g. ``--device cpu``). Raises if not one window fits."""
+        as the device's, e.g. ``--device cpu``). Raises if not one request's window fits."""
         left = device_bytes - requests * self.window_cell
         if left <= 0:
             raise ValueError(
                 f"a2ats offload: {requests} resident windows of {self.window_cell / 2**20:.1f} MiB do not fit the device's "
                 f"{device_bytes / 2**30:.2f} GiB KV budget; lower --max-running-requests or --a2ats-window/--a2ats-sinks")
-        if host_bytes is None:
-            return left // (self.code_cell + self.dense_cell)
-        return min(left // self.code_cell, host_bytes // self.dense_cell)
+        tokens = left // (self.code_cell + self.dense_cell) if host_bytes is None else min(
+            left // self.code_cell, host_bytes // self.dense_cell)
+        need = self.window_cell // self.dense_cell + 1  # one request: its sinks + window and the token it decodes
+        if tokens < need:
+            where = (f"this rank's {host_bytes / 2**20:.2f} MiB of host memory for K/V (--a2ats-host-kv-gb, split "
+                     f"evenly between the server's ranks)" if host_bytes is not None and
+                     host_bytes // self.dense_cell <= left // self.code_cell else
+                     f"the device's {device_bytes / 2**30:.2f} GiB KV budget")
+            raise ValueError(
+                f"a2ats offload: {where} holds {tokens} tokens of {self.dense_cell} B, fewer than one request's "
+                f"{need} (sinks + window + 1); give it at least {need * self.dense_cell / 2**20:.2f} MiB per rank")
+        return tokens
 
     def default_requests(self, device_bytes: int, cap: int = 2048) -> int:
         """Concurrent requests when none are asked for: at most a quarter of the device
@@ -97,15 +106,15 @@ class OffloadSizing:
         return cls(dense_cell, code_cell, (sinks + window) * dense_cell)
 
 
-def host_kv_bytes(host_kv_gb: float, device) -> int | None:
-    """Host memory for the KV pool: ``host_kv_gb`` if given; else None on a CPU device
-    (host and device are one memory), else half the available host memory per
-    tensor-parallel rank."""
+def host_kv_bytes(host_kv_gb: float, device, ranks: int) -> int | None:
+    """This rank's host memory for the KV pool, an even share between the server's
+    ``ranks`` (tensor x data x pipeline parallel) of ``host_kv_gb`` if given, else of half the
+    available host memory; None on a CPU device without ``host_kv_gb`` (host and device are
+    one memory, which SGLang's budget already divides)."""
     if host_kv_gb > 0:
-        return int(host_kv_gb * 2**30)
+        return int(host_kv_gb * 2**30) // ranks
     if str(device).startswith("cpu"):
         return None
     import psutil
-    from sglang.srt.runtime_context import get_parallel
 
-    return int(psutil.virtual_memory().available // 2 // max(1, get_parallel().attn_tp_size))
+    return int(psutil.virtual_memory().available // 2 // ranks)

@@ -19,6 +19,8 @@ import os
 import shutil
 import signal
 
+from a2ats_sglang.backend.parallel import parse_cpu_list
+
 # Nothing heavy is imported above: main() installs the signal handlers before serve()
 # imports torch (seconds), so that a stop while the worker starts also cleans up.
 
@@ -48,6 +50,7 @@ def serve(args) -> None:
                                                REQUEST, VERSION, WORKER_POLL_MS, ArenaLayout)
     from a2ats_sglang.offload.shared_memory import KVLayout, SharedRegion
 
+    os.sched_setaffinity(0, args.cpus)  # this rank's share of the machine
     torch.set_num_threads(args.threads)
     kernels = KernelChoice.select("auto", "cpu")  # the C++ kernel, or the torch reference where it cannot be built
     if args.dtype not in DTYPES:
@@ -103,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("kv-fd", "arena-fd", "layers", "kv-slots", "kv-heads", "q-heads", "head-dim", "v-head-dim", "batch",
                  "slots", "parent", "threads"):
         p.add_argument("--" + name, type=int, required=True)
+    p.add_argument("--cpus", type=parse_cpu_list, required=True, help="CPUs to run on: 0-3 or 0,2")
     p.add_argument("--ipc", required=True, help="socket path inside the worker's private directory")
     p.add_argument("--dtype", required=True, help="the KV pool's dtype: float32, bfloat16 or float16")
     return p.parse_args(argv)

@@ -83,3 +83,21 @@ def stream_until_decoding(srv, prompt: str, max_new_tokens: int):
     while len(chunks) < 3 and time.time() < deadline:
         time.sleep(0.05)
     return t, chunks
+
+
+def multi_turn_session(srv, i: int, turns: int = 3, max_tokens: int = 6) -> list[tuple[str, int, int]]:
+    """Session ``i``: a ~700-token document of its own as the system prompt, then ``turns``
+    greedy questions, each turn sent with the whole conversation so far. -> per turn
+    (answer, cached prompt tokens, prompt tokens)."""
+    from a2ats_sglang.calibration.texts import long_text
+
+    msgs = [{"role": "system", "content": long_text(3000, offset=300 + 37 * i)}]
+    out = []
+    for t in range(turns):
+        msgs.append({"role": "user", "content": f"Question {t + 1} of session {i}: name one thing the text says."})
+        r = chat(srv, msgs, max_tokens=max_tokens, timeout=600)
+        usage = r["usage"]
+        out.append((r["choices"][0]["message"]["content"], usage["prompt_tokens_details"]["cached_tokens"],
+                    usage["prompt_tokens"]))
+        msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+    return out

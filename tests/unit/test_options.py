@@ -188,10 +188,30 @@ def test_calibration_module_refuses_one_code(tmp_path):
 
 def test_cpu_shares_split_the_machine_between_ranks():
     """The bind string the CPU platform gives SGLang for more ranks than NUMA nodes."""
-    from a2ats_sglang.patches.hooks import cpu_shares
+    from a2ats_sglang.backend.parallel import cpu_shares, format_cpu_list
 
-    assert cpu_shares([0, 1], 3) == "0|1|0"  # more ranks than cores: one each, round-robin
-    assert cpu_shares([0, 1], 2) == "0|1"
-    assert cpu_shares(list(range(8)), 3) == "0-2|3-5|6-7"  # the first ranks one more where they do not divide
-    assert cpu_shares([4, 5, 6, 7], 1) == "4-7"
-    assert cpu_shares([0, 2, 4, 6], 2) == "0,2|4,6"
+    def bind(cpus, ranks):
+        return "|".join(map(format_cpu_list, cpu_shares(cpus, ranks)))
+
+    assert bind([0, 1], 3) == "0|1|0"  # more ranks than cores: one each, round-robin
+    assert bind([0, 1], 2) == "0|1"
+    assert bind(list(range(8)), 3) == "0-2|3-5|6-7"  # the first ranks one more where they do not divide
+    assert bind([4, 5, 6, 7], 1) == "4-7"
+    assert bind([0, 2, 4, 6], 2) == "0,2|4,6"
+
+
+def test_a_rank_finds_its_cpus_in_the_bind_string_or_an_even_share():
+    """What a rank's CPU worker is pinned to: its entry of SGLang's bind string, else an
+    even share of this process's CPUs; a bind string without the rank is refused."""
+    import os
+
+    from a2ats_sglang.backend.parallel import rank_cpus
+
+    assert rank_cpus(1, 2, bind="0-3|4-5,7") == [4, 5, 7]
+    assert rank_cpus(0, 3, bind="0|1|0") == [0]
+    mine = sorted(os.sched_getaffinity(0))
+    assert rank_cpus(0, 1, bind="all") == mine
+    shares = [rank_cpus(i, 2, bind="all") for i in range(2)]
+    assert sorted(sum(shares, [])) == mine or len(mine) < 2  # the two shares split this process's CPUs
+    with pytest.raises(ValueError, match="names 2 ranks' CPUs, not rank 2's"):
+        rank_cpus(2, 3, bind="0|1")

@@ -88,6 +88,27 @@ def test_windows_that_do_not_fit_the_device_are_an_error():
     assert s.default_requests(s.window_cell * 10) == 2  # a quarter of the budget
 
 
+def test_a_host_share_smaller_than_one_request_is_an_error():
+    """A rank whose host memory holds fewer tokens than one request's sinks + window + the
+    token it decodes could serve nothing: refused with what it needs, per rank."""
+    s = sizing()
+    need = s.window_cell // s.dense_cell + 1
+    assert s.capacity(8 << 30, 4, need * s.dense_cell) == need
+    with pytest.raises(ValueError, match=r"this rank's .* MiB of host memory .* holds %d tokens .* fewer than one "
+                                         r"request's %d" % (need - 1, need)):
+        s.capacity(8 << 30, 4, need * s.dense_cell - 1)
+    with pytest.raises(ValueError, match="the device's .* KV budget holds"):  # shared memory: the device's budget
+        s.capacity(5 * s.window_cell, 4, None)
+
+
+def test_the_host_memory_given_is_split_between_the_ranks():
+    from a2ats_sglang.offload.host_pool import host_kv_bytes
+
+    assert host_kv_bytes(3.0, "cpu", 3) == 2**30
+    assert host_kv_bytes(1.0, "cuda:0", 1) == 2**30
+    assert host_kv_bytes(0, "cpu", 2) is None  # one memory: SGLang's budget, already per rank
+
+
 @pytest.mark.parametrize("prefix,n", [(1, 5), (3, 4), (10, 12), (20, 21), (30, 60), (7, 7)])
 def test_prefix_positions_are_the_kept_positions_of_the_cached_prefix(prefix, n):
     res = ResidentWindow(1, 1, S, W, HKV, D, D, torch.float32, "cpu")

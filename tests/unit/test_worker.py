@@ -19,6 +19,7 @@ from a2ats_sglang.offload.protocol import IPC_DIR_PREFIX, MAGIC, OP_ATTEND, REQU
 from a2ats_sglang.offload.worker import SIGNAL_EXIT_BASE
 
 HQ, HKV, D = 6, 2, 16
+ONE_CPU = sorted(os.sched_getaffinity(0))[-1:]  # a rank's share: one CPU, one thread
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def pool():
 @pytest.fixture
 def worker(pool):
     layout, region, _, _ = pool
-    w = CPUAttentionWorker(region, layout, HQ, batch=4, slots=64, timeout=5.0, threads=1)
+    w = CPUAttentionWorker(region, layout, HQ, batch=4, slots=64, timeout=5.0, cpus=ONE_CPU)
     yield w
     w.close()
 
@@ -56,6 +57,7 @@ def test_worker_result_equals_local_attention(pool, worker):
     torch.testing.assert_close(out, want_o)
     torch.testing.assert_close(lse, want_l)
     assert worker.restarts == 0
+    assert os.sched_getaffinity(worker.pid) == set(ONE_CPU) and worker.threads == 1  # pinned to its rank's share
 
 
 def test_sees_kv_written_after_start(pool, worker):
@@ -128,7 +130,7 @@ def test_killed_worker_is_replaced_and_the_request_recomputed(pool, worker):
 
 def test_hung_worker_is_detected_within_the_timeout(pool):
     layout, region, ks, vs = pool
-    w = CPUAttentionWorker(region, layout, HQ, batch=4, slots=64, timeout=2.0, threads=1)
+    w = CPUAttentionWorker(region, layout, HQ, batch=4, slots=64, timeout=2.0, cpus=ONE_CPU)
     try:
         q, slots = request()
         old = w.pid
@@ -156,7 +158,7 @@ def test_arena_grows_for_larger_requests(pool, worker):
 
 def test_close_leaves_nothing_behind(pool):
     layout, region, _, _ = pool
-    w = CPUAttentionWorker(region, layout, HQ, batch=2, slots=8, threads=1)
+    w = CPUAttentionWorker(region, layout, HQ, batch=2, slots=8, cpus=ONE_CPU)
     pid, d = w.pid, w.dir
     w.close()
     assert not os.path.exists(d)
@@ -166,11 +168,11 @@ def test_close_leaves_nothing_behind(pool):
 
 def test_worker_exits_when_its_parent_dies(tmp_path):
     script = textwrap.dedent("""
-        import sys, time, torch
+        import os, sys, time, torch
         from a2ats_sglang.offload.shared_memory import KVLayout, SharedRegion
         from a2ats_sglang.offload.client import CPUAttentionWorker
         layout = KVLayout(1, 10, 1, 8, 8, torch.float32)
-        w = CPUAttentionWorker(SharedRegion.create(layout.nbytes), layout, 1, 1, 4, threads=1)
+        w = CPUAttentionWorker(SharedRegion.create(layout.nbytes), layout, 1, 1, 4, cpus=[min(os.sched_getaffinity(0))])
         print(w.pid, w.dir, flush=True)
         time.sleep(600)
     """)
@@ -213,7 +215,7 @@ def test_a_worker_stopped_while_starting_removes_its_directory(pool):
     d = tempfile.mkdtemp(prefix=IPC_DIR_PREFIX)
     args = ["--ipc", ipc_path(d), "--dtype", "float32", "--kv-fd", region.fd, "--arena-fd", region.fd, "--layers",
             layout.num_layers, "--kv-slots", layout.slots, "--kv-heads", HKV, "--q-heads", HQ, "--head-dim", D,
-            "--v-head-dim", D, "--batch", 1, "--slots", 1, "--parent", os.getpid(), "--threads", 1]
+            "--v-head-dim", D, "--batch", 1, "--slots", 1, "--parent", os.getpid(), "--threads", 1, "--cpus", ONE_CPU[0]]
     proc = subprocess.Popen([sys.executable, "-m", "a2ats_sglang.offload.worker", *map(str, args)], pass_fds=(region.fd,))
     try:
         deadline = time.time() + 15
