@@ -78,6 +78,13 @@ class RopeSpec:
         out[..., rd:] = x[..., rd:].float()
         return out.to(x.dtype)
 
+    def shift(self, x: torch.Tensor, delta: torch.Tensor | float) -> torch.Tensor:
+        """Post-RoPE vectors at position p -> the same vectors as RoPE would give them at
+        p + ``delta`` (broadcasts to x.shape[:-1], may be negative): a pure rotation by
+        ``delta`` (angles are linear in position, so rotations compose; ``mscale`` is already
+        in x). Computed in float32, returned in x.dtype."""
+        return self.apply(x, *self.cos_sin(torch.as_tensor(delta, dtype=torch.float32, device=x.device))).to(x.dtype)
+
     def to(self, device) -> "RopeSpec":
         """The same rotation with its frequencies on ``device`` (no copy per call there)."""
         return RopeSpec(self.inv_freq.to(device), self.head_dim, self.neox, self.mscale)
