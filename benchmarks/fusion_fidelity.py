@@ -1,7 +1,8 @@
 """Fidelity of chunk-KV fusion to the full prefill: A³ against CacheBlend-style selection and
 plain concatenation at equal recompute ratios, over retrieval-augmented prompts made of
 Wikipedia paragraphs reused in random orders, on the reference engine
-(:mod:`a2ats_sglang.fusion.reference`, the model in Hugging Face transformers, eager attention).
+(:mod:`a2ats_sglang.fusion.reference`, the model in Hugging Face transformers, SDPA attention;
+A³'s question pass with eager attention, which returns the probabilities).
 
     python benchmarks/fusion_fidelity.py [--prompts 100] [--chunks 8] [--ratios 0.05 0.15 0.3]
 
@@ -98,7 +99,7 @@ def main(argv=None):
 
     model_dir = args.model_path or build_default_model()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
     engine = FusionEngine(model)
     pool = paragraph_pool(tok, args.pool, *args.chunk_tokens)
     configs = [("naive", Naive(), 0.0)] + [(m.name, m, r) for r in args.ratios for m in (CacheBlend(), A3())]
@@ -128,7 +129,7 @@ def main(argv=None):
             print(f"[bench] {i + 1}/{args.prompts} prompts, {time.time() - t0:.0f}s", flush=True)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     ans = lambda rs, two: mean([r["answered"] for r in rs if r["two_chunk"] == two])  # noqa: E731
-    lines = [f"Model `{Path(model_dir).name}` (transformers, eager attention, float32); {args.prompts} prompts of "
+    lines = [f"Model `{Path(model_dir).name}` (transformers, SDPA attention, float32); {args.prompts} prompts of "
              f"{args.chunks} chunks of {args.chunk_tokens[0]}-{args.chunk_tokens[1]} tokens from a pool of {args.pool} "
              f"Wikipedia paragraphs (median prompt {statistics.median(r['tokens'] for r in full_rows)} tokens); "
              f"{platform.machine()}, CPU; {date.today()}.", "",

@@ -2,7 +2,7 @@
 method in plain torch, the oracle the served path is measured against and the engine of
 ``benchmarks/fusion_fidelity.py``.
 
-    engine = FusionEngine(model)                     # a transformers *ForCausalLM, eager attention
+    engine = FusionEngine(model)                     # a transformers *ForCausalLM
     prompt = FusedPrompt(prefix_ids, [chunk_ids, ...], question_ids)
     result = engine.prefill(prompt, A3(), ratio=0.15)     # or Naive(), CacheBlend(); engine.full(prompt)
     result.logits                                    # float32 [vocab]: the first generated token's
@@ -91,15 +91,12 @@ class _Stop(Exception):
 
 
 class FusionEngine:
-    """Chunk-KV fusion on a Hugging Face decoder-only model run with eager attention (the
-    question's attention probabilities are read from it). Chunk KV is kept per (prefix,
-    chunk) token ids in :attr:`chunks`."""
+    """Chunk-KV fusion on a Hugging Face decoder-only model (any attention implementation;
+    the question's attention probabilities are read with eager attention, switched on for
+    that pass only). Chunk KV is kept per (prefix, chunk) token ids in :attr:`chunks`."""
 
     def __init__(self, model):
         cfg = model.config.get_text_config()
-        if getattr(model.config, "_attn_implementation", "eager") != "eager":
-            raise ValueError("FusionEngine reads attention probabilities: load the model with "
-                             "attn_implementation='eager'")
         self.model = model.eval()
         self.num_layers = cfg.num_hidden_layers
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -108,18 +105,23 @@ class FusionEngine:
         self.prefixes: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # -- model calls ------------------------------------------------------------------
-    def _forward(self, ids, positions, past, mask=None, attentions=False):
-        """Run ``ids`` at ``positions`` after the KV ``past`` (list of per-layer (K, V) or
-        None) -> (model output, new per-layer (K, V) of past + ids)."""
+    @staticmethod
+    def cache_of(past):
+        """A transformers ``DynamicCache`` holding ``past`` (per-layer (K, V), or None)."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
         for i, (k, v) in enumerate(past or []):
             cache.update(k, v, i)
+        return cache
+
+    def run(self, ids, positions, past, mask=None, attentions=False):
+        """Run ``ids`` at ``positions`` after the KV ``past`` (list of per-layer (K, V) or
+        None) -> (model output, new per-layer (K, V) of past + ids)."""
         ids = torch.as_tensor(ids, dtype=torch.int64).view(1, -1)
         pos = torch.as_tensor(positions, dtype=torch.int64).view(1, -1)
         with torch.no_grad():
-            out = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, attention_mask=mask,
+            out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache_of(past), attention_mask=mask,
                              use_cache=True, output_attentions=attentions)
         return out, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
@@ -136,7 +138,7 @@ class FusionEngine:
         """The shared prefix's KV, computed once."""
         key = tuple(prefix)
         if key not in self.prefixes:
-            self.prefixes[key] = self._forward(prefix, range(len(prefix)), None)[1] if prefix else []
+            self.prefixes[key] = self.run(prefix, range(len(prefix)), None)[1] if prefix else []
         return self.prefixes[key]
 
     def chunk_kv(self, prefix: list[int], chunk: list[int]):
@@ -145,7 +147,7 @@ class FusionEngine:
         key = (tuple(prefix), tuple(chunk))
         if key not in self.chunks:
             past = self.prefix_kv(prefix)
-            kv = self._forward(chunk, range(len(prefix), len(prefix) + len(chunk)), past)[1]
+            kv = self.run(chunk, range(len(prefix), len(prefix) + len(chunk)), past)[1]
             self.chunks[key] = [(k[:, :, len(prefix):], v[:, :, len(prefix):]) for k, v in kv]
         return self.chunks[key]
 
@@ -171,7 +173,7 @@ class FusionEngine:
         """Exact prefill of the whole prompt (the prefix's KV reused: it is exact)."""
         pre = self.prefix_kv(prompt.prefix)
         n = len(prompt.ids)
-        out, kv = self._forward(prompt.ids[len(prompt.prefix):], range(len(prompt.prefix), n), pre)
+        out, kv = self.run(prompt.ids[len(prompt.prefix):], range(len(prompt.prefix), n), pre)
         return Prefilled(kv, out.logits[0, -1].float(), torch.arange(len(prompt.prefix), n),
                          (n - len(prompt.prefix)) * self.num_layers)
 
@@ -194,7 +196,7 @@ class FusionEngine:
         stale[chosen] = True
         key_pos = torch.cat([torch.arange(end), pos])
         mask = self._causal_mask(pos, key_pos, torch.cat([stale, torch.zeros(len(pos), dtype=torch.bool)]))
-        out, kv = self._forward(ids[pos], pos, fused, mask)
+        out, kv = self.run(ids[pos], pos, fused, mask)
         merged = []
         n = len(chosen)
         for k, v in kv:  # [1, H, end + n + Tq, D]: fused, the chosen tokens' fresh K/V, the question's
@@ -208,7 +210,7 @@ class FusionEngine:
         tokens = [int(result.logits.argmax())]
         kv, n = result.kv, result.length
         while len(tokens) < max_new_tokens:
-            out, kv = self._forward([tokens[-1]], [n], kv)
+            out, kv = self.run([tokens[-1]], [n], kv)
             n += 1
             tokens.append(int(out.logits[0, -1].argmax()))
         return tokens
@@ -225,7 +227,12 @@ class _Context:
 
     def question_attention(self) -> list[torch.Tensor]:
         e, p = self.engine, self.prompt
-        out, _ = e._forward(p.question, range(p.chunk_end, len(p.ids)), self.fused, attentions=True)
+        impl = e.model.config._attn_implementation
+        e.model.set_attn_implementation("eager")  # the only one that returns attention probabilities
+        try:
+            out, _ = e.run(p.question, range(p.chunk_end, len(p.ids)), self.fused, attentions=True)
+        finally:
+            e.model.set_attn_implementation(impl)
         self.token_layers += len(p.question) * e.num_layers
         return list(out.attentions)
 
@@ -234,20 +241,15 @@ class _Context:
         return k[0, :, self.chunk_positions], v[0, :, self.chunk_positions]
 
     def fresh_kv(self, layer: int):
-        """Layers 0 ... ``layer`` of the full prompt (the rest are never run)."""
+        """Layers 0 ... ``layer`` of the full prompt (a pre-hook stops the model after them)."""
         e, p = self.engine, self.prompt
         layers = e.model.model.layers
-        got = {}
 
         def stop(module, args, kwargs):
             raise _Stop
 
         handle = layers[layer + 1].register_forward_pre_hook(stop, with_kwargs=True) if layer + 1 < len(layers) else None
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(e.prefix_kv(p.prefix)):
-            cache.update(k, v, i)
+        cache = e.cache_of(e.prefix_kv(p.prefix))
         try:
             with torch.no_grad():
                 e.model(input_ids=torch.tensor([p.ids[len(p.prefix):p.chunk_end]]),
@@ -258,6 +260,6 @@ class _Context:
         finally:
             if handle is not None:
                 handle.remove()
-        got = cache.layers[layer]
         self.token_layers += (p.chunk_end - len(p.prefix)) * (layer + 1)
+        got = cache.layers[layer]
         return got.keys[0, :, self.chunk_positions], got.values[0, :, self.chunk_positions]

@@ -15,7 +15,7 @@ def engine():
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=97, max_position_embeddings=4096, rope_theta=10000.0)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = "sdpa"  # the question's attention is read with eager, switched on for that pass
     return FusionEngine(LlamaForCausalLM(cfg).float())
 
 
@@ -33,7 +33,7 @@ def test_position_recovery_equals_computing_the_chunk_at_its_new_place(engine):
     prefix, chunk = p.prefix, p.chunks[1]
     moved = engine.fused_kv(FusedPrompt(prefix, [p.chunks[0], chunk], p.question))
     offset = len(p.chunks[0])
-    _, direct = engine._forward(prefix + chunk, range(offset, offset + len(prefix) + len(chunk)), None)
+    _, direct = engine.run(prefix + chunk, range(offset, offset + len(prefix) + len(chunk)), None)
     for (mk, mv), (dk, dv) in zip(moved, direct):
         got_k, got_v = mk[:, :, len(prefix) + offset:], mv[:, :, len(prefix) + offset:]
         torch.testing.assert_close(got_k, dk[:, :, len(prefix):], atol=2e-5, rtol=1e-4)
@@ -78,6 +78,7 @@ def test_recomputing_everything_is_the_full_prefill(engine, method):
     p = prompt(seed=2)
     full = engine.full(p)
     fused = engine.prefill(p, method, 1.0)
+    assert engine.model.config._attn_implementation == "sdpa"  # eager only for A³'s question pass
     if isinstance(method, Naive):
         assert not torch.allclose(fused.logits, full.logits, atol=1e-3)
         return
@@ -133,7 +134,7 @@ def test_a3_recomputes_the_planted_fact_on_the_default_model(default_model_dir):
     from a2ats_sglang.fusion.reference import _Context
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
     engine = FusionEngine(model)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     fact = " The secret code of Zorblat is 7319. "
