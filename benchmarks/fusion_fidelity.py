@@ -19,7 +19,6 @@ reference engine on this machine, not of a server.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -28,6 +27,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from offload_memory import write_results
 
 from a2ats_sglang.calibration.texts import wiki_split
 from a2ats_sglang.fusion.reference import FusedPrompt, FusionEngine
@@ -143,11 +143,7 @@ def main(argv=None):
                      f"{mean([r['top1'] for r in rs]):.2f} | {mean([r['seq'] for r in rs]):.2f} | {ans(rs, False):.2f} | "
                      f"{ans(rs, True):.2f} | {mean([r['compute'] for r in rs]):.3f} | "
                      f"{statistics.median(r['speedup'] for r in rs):.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fusion_fidelity.md").write_text(table + "\n")
-    (args.out / "fusion_fidelity.json").write_text(json.dumps({"full": full_rows, "methods": rows}, indent=1))
+    write_results(args.out, "fusion_fidelity", "\n".join(lines), {"full": full_rows, "methods": rows})
     plot(rows, args.out / "fusion_fidelity.png")
     print(f"[bench] done in {time.time() - t0:.0f}s")
 

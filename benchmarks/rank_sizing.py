@@ -14,13 +14,13 @@ evenly between its ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 from datetime import date
 from pathlib import Path
 
 import requests
+from offload_memory import write_results
 
 from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
 from a2ats_sglang.harness.server import launch_server, on_cpu
@@ -75,11 +75,7 @@ def main(argv=None):
         lines.append(f"| {r['tp']} | {r['rank']} | {r['kv_heads']} | {on_device} | {r['code_cell_b']} | "
                      f"{r['code_cell_b'] / on_device:.4f} | {r['host_tokens']} | {r['dense_cell_b']} | "
                      f"{r['host_gib']:.2f} | {r['windows']} x {r['window_mib']:.2f} MiB |")
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rank_sizing.md").write_text(table + "\n")
-    (args.out / "rank_sizing.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out, "rank_sizing", "\n".join(lines), rows)
 
 
 if __name__ == "__main__":

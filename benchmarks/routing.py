@@ -26,6 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import requests
+from offload_memory import write_results
 
 from a2ats_sglang.calibration.texts import long_text
 from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
@@ -142,11 +143,7 @@ def main(argv=None):
         f"{label} **{span(ratio[key], '{:.2f}')}x** ({', '.join(f'{x:.2f}' for x in ratio[key])})"
         for key, label in (("later_ttft_ms", "median TTFT of turns 2+"), ("later_mean_ttft_ms", "mean TTFT of turns 2+"),
                            ("wall_s", "workload time"))) + "."]
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.md").write_text(table + "\n")
-    (args.out / f"{args.name}.json").write_text(json.dumps(runs, indent=1))
+    write_results(args.out, args.name, "\n".join(lines), runs)
     plot(runs, args.turns, args.out / f"{args.name}.png")
     print(f"[bench] done in {time.time() - t0:.0f}s")
 
