@@ -67,13 +67,17 @@ class OffloadExtendMetadata:
     prefix_rows: torch.Tensor
 
 
-def rank_share_of_cpus() -> list[int]:
+def rank_share_of_cpus() -> list[int] | None:
     """This rank's share of the machine's CPUs (SGLang's bind string, else an even split
-    between the server's ranks), where its CPU worker runs."""
+    between the server's ranks), where its CPU worker runs; None (all of this process's)
+    where no device id was published, as outside a server."""
     from sglang.srt.runtime_context import get_device, get_parallel
 
+    gpu_id = get_device().gpu_id
+    if gpu_id is None:
+        return None
     p = get_parallel()
-    return rank_cpus(get_device().gpu_id, p.dp_size * p.tp_size * p.pp_size)
+    return rank_cpus(gpu_id, p.dp_size * p.tp_size * p.pp_size)
 
 
 def check_offload_model(model) -> None:

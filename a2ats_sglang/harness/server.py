@@ -67,16 +67,32 @@ def server_env(env: dict | None = None) -> dict:
     return out
 
 
+PORT_ATTEMPTS = 3  # a port free_port() found can be taken before the server binds it: try another
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind the port it was given (another process took it first)."""
+
+
 @contextmanager
 def launch_server(model_path, backend: str = "a2ats", extra_args=(), env: dict | None = None, timeout: float = 300.0,
                   log_path: Path | None = None, cwd: Path | None = None):
     """Yield a running :class:`Server` (its process in ``cwd``, default this one's); raise
     RuntimeError with the log tail if it dies or never gets healthy."""
-    port = free_port()
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{backend}-", suffix=".log")[1])
-    with serving(server_command(model_path, backend, port, extra_args), port, log_path, server_env(env), timeout,
-                 cwd) as srv:
+    for attempt in range(PORT_ATTEMPTS):
+        port = free_port()
+        try:
+            srv = start(server_command(model_path, backend, port, extra_args), port, log_path, server_env(env), timeout,
+                        cwd)
+            break
+        except PortTaken:
+            if attempt == PORT_ATTEMPTS - 1:
+                raise
+    try:
         yield srv
+    finally:
+        stop(srv.process)
 
 
 @contextmanager
@@ -86,8 +102,9 @@ def launch_router(worker_urls, policy: str = "cache_aware", extra_args=(), timeo
     port = free_port()
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
            "--policy", policy, "--worker-urls", *worker_urls, *map(str, extra_args)]
-    log_path = Path(tempfile.mkstemp(prefix=f"sglang-router-{policy}-", suffix=".log")[1])
-    with serving(cmd, port, log_path, dict(os.environ), timeout) as router:
+    router = start(cmd, port, Path(tempfile.mkstemp(prefix=f"sglang-router-{policy}-", suffix=".log")[1]),
+                   dict(os.environ), timeout)
+    try:
         deadline = time.time() + timeout  # the router registers its workers after it answers /health
         while {w["url"] for w in requests.get(router.url + "/workers", timeout=5).json()["workers"]
                if w["is_healthy"]} != set(worker_urls):
@@ -95,31 +112,35 @@ def launch_router(worker_urls, policy: str = "cache_aware", extra_args=(), timeo
                 raise RuntimeError(f"router did not register {worker_urls} in {timeout:.0f}s:\n{router.log()[-4000:]}")
             time.sleep(0.5)
         yield router
+    finally:
+        stop(router.process)
 
 
-@contextmanager
-def serving(cmd: list[str], port: int, log_path: Path, env: dict, timeout: float, cwd: Path | None = None):
+def start(cmd: list[str], port: int, log_path: Path, env: dict, timeout: float, cwd: Path | None = None) -> Server:
     """Run ``cmd`` (an HTTP server on ``port``, output to ``log_path``) in its own process
-    group until ``/health`` answers 200, yield it as a :class:`Server`, stop it after."""
+    group until ``/health`` answers 200; stop it and raise RuntimeError with the log tail
+    (:class:`PortTaken` if the port was taken) if it exits, cannot bind or never gets healthy."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.time() + timeout
     try:
-        deadline = time.time() + timeout
         while True:
+            if "address already in use" in srv.log().lower():  # uvicorn then waits for shutdown, not exiting
+                raise PortTaken(f"{cmd[2]} could not bind port {port}:\n{srv.log()[-4000:]}")
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[2]} exited with code {proc.returncode}:\n{srv.log()[-4000:]}")
             try:
                 if requests.get(srv.url + "/health", timeout=2).status_code == 200:
-                    break
+                    return srv
             except requests.RequestException:
                 pass
             if time.time() > deadline:
                 raise RuntimeError(f"{cmd[2]} not healthy after {timeout:.0f}s:\n{srv.log()[-4000:]}")
             time.sleep(1)
-        yield srv
-    finally:
+    except BaseException:
         stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
