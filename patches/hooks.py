@@ -196,12 +196,12 @@ def _spread_ranks_over_cpus(original, *args, **kwargs):
     """SGLang binds each CPU rank to a NUMA node and stops when a server has more ranks than
     nodes unless ``SGLANG_CPU_OMP_THREADS_BIND`` names each rank's cores (one node here, so
     any ``--tp-size``/``--dp-size`` above 1): without it, every rank takes the same even split
-    of this machine's CPUs (:func:`~a2ats_sglang.backend.parallel.cpu_shares`), logged."""
+    of this machine's CPUs (:func:`~a2ats_sglang.offload.cpus.cpu_shares`), logged."""
     import os
 
     from sglang.srt.utils import numa_utils
 
-    from a2ats_sglang.backend.parallel import CPU_BIND_ENV, cpu_shares, format_cpu_list
+    from a2ats_sglang.offload.cpus import CPU_BIND_ENV, cpu_shares, format_cpu_list
 
     world = kwargs.get("world_size", 1)
     if os.environ.get(CPU_BIND_ENV, "all") == "all" and world > len(numa_utils.get_cpu_ids_by_node()):

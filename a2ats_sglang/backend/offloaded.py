@@ -23,13 +23,13 @@ import torch
 
 from a2ats_sglang.backend.dense import paged_extend_attention
 from a2ats_sglang.backend.layers import ModelAttention
-from a2ats_sglang.backend.parallel import rank_cpus
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
 from a2ats_sglang.core.attention import merge_states
 from a2ats_sglang.core.retrieval import WRoPERotation
 from a2ats_sglang.kernels.dispatch import DecodeBuffers, KernelChoice
 from a2ats_sglang.offload.client import CPUAttentionWorker
+from a2ats_sglang.offload.cpus import rank_cpus
 from a2ats_sglang.offload.host_pool import HostKVPool
 from a2ats_sglang.offload.protocol import WorkerFailure
 from a2ats_sglang.offload.resident import ResidentWindow

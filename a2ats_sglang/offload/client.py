@@ -44,6 +44,7 @@ class CPUAttentionWorker:
         self.q_heads = q_heads
         self.timeout = timeout
         self.cpus = sorted(cpus or os.sched_getaffinity(0))
+        self.cpu_list = ",".join(map(str, self.cpus))  # as the worker's --cpus and the log line give it
         self.threads = max(1, len(self.cpus) // 2)
         self.restarts = 0
         self.proc = None
@@ -70,7 +71,7 @@ class CPUAttentionWorker:
                    "--kv-fd", self.kv_region.fd, "--arena-fd", self.arena_region.fd, "--layers", kv.num_layers,
                    "--kv-slots", kv.slots, "--kv-heads", kv.kv_heads, "--q-heads", self.q_heads, "--head-dim",
                    kv.head_dim, "--v-head-dim", kv.v_head_dim, "--batch", arena.batch, "--slots", arena.slots,
-                   "--parent", os.getpid(), "--threads", self.threads, "--cpus", ",".join(map(str, self.cpus))]
+                   "--parent", os.getpid(), "--threads", self.threads, "--cpus", self.cpu_list]
             self.proc = subprocess.Popen([str(c) for c in cmd], pass_fds=(self.kv_region.fd, self.arena_region.fd))
             self.sock = self._ctx.socket(zmq.PAIR)
             self.sock.setsockopt(zmq.LINGER, 0)
@@ -81,7 +82,7 @@ class CPUAttentionWorker:
             self._stop_process()
             raise
         logger.info("a2ats: CPU attention worker pid %d ready (ipc %s, %d threads on CPUs %s)", self.proc.pid, ipc,
-                    self.threads, ",".join(map(str, self.cpus)))
+                    self.threads, self.cpu_list)
 
     def _stop_process(self) -> None:
         """Kill the worker (if running) and remove its directory and arena; safe to repeat."""

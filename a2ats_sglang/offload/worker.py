@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 
-from a2ats_sglang.backend.parallel import parse_cpu_list
+from a2ats_sglang.offload.cpus import parse_cpu_list
 
 # Nothing heavy is imported above: main() installs the signal handlers before serve()
 # imports torch (seconds), so that a stop while the worker starts also cleans up.

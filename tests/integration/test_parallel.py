@@ -15,7 +15,7 @@ from support.families import family_model
 from support.serving import (FACTS, SERVER_ARGS, generate, multi_turn_session, planted_prompt, stream_until_decoding,
                              worker_pids)
 
-from a2ats_sglang.backend.parallel import cpu_shares
+from a2ats_sglang.offload.cpus import cpu_shares
 from a2ats_sglang.config import A2ATSConfig
 from a2ats_sglang.harness.server import launch_router, launch_server, run_server_expecting_failure
 

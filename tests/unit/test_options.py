@@ -188,7 +188,7 @@ def test_calibration_module_refuses_one_code(tmp_path):
 
 def test_cpu_shares_split_the_machine_between_ranks():
     """The bind string the CPU platform gives SGLang for more ranks than NUMA nodes."""
-    from a2ats_sglang.backend.parallel import cpu_shares, format_cpu_list
+    from a2ats_sglang.offload.cpus import cpu_shares, format_cpu_list
 
     def bind(cpus, ranks):
         return "|".join(map(format_cpu_list, cpu_shares(cpus, ranks)))
@@ -205,7 +205,7 @@ def test_a_rank_finds_its_cpus_in_the_bind_string_or_an_even_share():
     even share of this process's CPUs; a bind string without the rank is refused."""
     import os
 
-    from a2ats_sglang.backend.parallel import rank_cpus
+    from a2ats_sglang.offload.cpus import rank_cpus
 
     assert rank_cpus(1, 2, bind="0-3|4-5,7") == [4, 5, 7]
     assert rank_cpus(0, 3, bind="0|1|0") == [0]
