@@ -46,6 +46,11 @@ class A2ATSConfig:
     host_kv_gb: float = option(0.0, "offload: GB of host memory for the full KV pool, split evenly between the "
                                     "server's ranks (0 = auto: half the available host memory on a GPU; on --device "
                                     "cpu the pool shares SGLang's memory budget)", min=0)
+    chunk_fusion: bool = option(False, "A3 chunk-KV fusion: requests that mark their documents "
+                                       "(custom_params.a2ats_chunks) reuse each one's cached KV at any position and "
+                                       "recompute only what the question needs")
+    fusion_ratio: float = option(0.15, "chunk fusion: share of the chunk tokens recomputed when a request does not "
+                                       "say (custom_params.a2ats_recompute_ratio)", min=0, max=1)
     worker_timeout: float = option(30.0, "seconds before an unanswered CPU worker is replaced", min=0, min_exclusive=True)
 
     def __post_init__(self):

@@ -24,6 +24,10 @@
   windows on the device, full K/V on the host: :class:`~a2ats_sglang.offload.host_pool.OffloadSizing`),
   expressed as the byte budget SGLang's own dense sizing divides back into that count;
   ``resolve_max_num_reqs`` (AFTER) caps concurrent requests at the resident windows reserved.
+- Chunk fusion (:mod:`a2ats_sglang.fusion`): ``TokenizerManager.generate_request`` (AROUND)
+  admits requests with chunk marks (:mod:`~a2ats_sglang.fusion.admission`; a request without
+  marks passes straight through); ``ForwardBatch.init_new`` (AFTER) cuts an extend batch with
+  fused requests down to the tokens they compute (:class:`~a2ats_sglang.fusion.served.FusionPlanner`).
 """
 
 from __future__ import annotations
@@ -82,8 +86,33 @@ def _from_cli_args(*args, **kwargs):
                 f"  build it with: python -m a2ats_sglang.calibration --model-path {ns.model_path}"
                 f" (or pass --a2ats-codebook FILE)"
             )
+    if cfg.chunk_fusion:
+        refused = fusion_refusals(ns, cfg)
+        if refused:
+            raise SystemExit("error: --a2ats-chunk-fusion: " + "; ".join(refused))
     cfg.to_env()
     return None
+
+
+def fusion_refusals(ns, cfg) -> list[str]:
+    """The server options given in ``ns`` that chunk fusion cannot serve with, each with the reason."""
+    out = []
+    if getattr(ns, "attention_backend", None) != "a2ats" or getattr(ns, "prefill_attention_backend", None) not in (
+            None, "a2ats"):
+        out.append("needs --attention-backend a2ats (a2ats attends the fused requests' extends by position)")
+    if cfg.offload:
+        out.append("not with --a2ats-offload yet (the resident windows of reused chunk tokens are not filled)")
+    for flag in ("tp_size", "dp_size", "pp_size"):
+        if int(getattr(ns, flag, 1) or 1) > 1:
+            out.append(f"--{flag.replace('_', '-')} {getattr(ns, flag)}: one rank only (each rank would measure "
+                       f"the question's attention over its own heads and choose different tokens)")
+    if getattr(ns, "disable_radix_cache", False):
+        out.append("needs the radix cache (chunks' KV is found there)")
+    if getattr(ns, "enable_mixed_chunk", False):
+        out.append("not with --enable-mixed-chunk (an extend batch carrying decode tokens)")
+    if getattr(ns, "device", None) not in ("cpu",):
+        out.append("runs on --device cpu only so far (its path has not run on a GPU)")
+    return out
 
 
 def unsupported_options(ns) -> list[str]:
@@ -212,6 +241,46 @@ def _spread_ranks_over_cpus(original, *args, **kwargs):
     return original(*args, **kwargs)
 
 
+_fusion_cfg = None
+
+
+def _fusion_config():
+    """This process's options (read once: the launcher exported them before SGLang's
+    managers start)."""
+    global _fusion_cfg
+    if _fusion_cfg is None:
+        from a2ats_sglang.config import A2ATSConfig
+
+        _fusion_cfg = A2ATSConfig.from_env()
+    return _fusion_cfg
+
+
+def _fusion_admission(original, manager, obj, request=None):
+    params = getattr(obj, "sampling_params", None)
+    marked = any(isinstance(p, dict) and isinstance(p.get("custom_params"), dict) and any(
+        k.startswith("a2ats_") for k in p["custom_params"]) for p in (params if isinstance(params, list) else [params]))
+    if not marked:
+        return original(manager, obj, request)
+    from a2ats_sglang.fusion.admission import fused_generate
+
+    cfg = _fusion_config()
+    return fused_generate(original, manager, obj, request, cfg.fusion_ratio, cfg.chunk_fusion)
+
+
+def _fuse_chunks(result, cls, batch, model_runner, *args, **kwargs):
+    from a2ats_sglang.fusion.marks import LAYOUT_KEY
+
+    if not result.forward_mode.is_extend() or not any(
+            LAYOUT_KEY in (r.sampling_params.custom_params or ()) for r in batch.reqs):
+        return None
+    from a2ats_sglang.fusion.served import planner_for
+
+    planner_for(model_runner).apply(result, batch)
+    translator = model_runner.kv_index_translator
+    translator.own_plan(result).bind(result, translator)  # the write ids are the kept tokens' now
+    return None
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -234,3 +303,7 @@ def install() -> None:
     HookRegistry.register(configurator + "_resolve_kv_pool_class", _host_pool_class, HookType.AFTER)
     HookRegistry.register(configurator + "_profile_available_bytes", _offload_budget, HookType.AFTER)
     HookRegistry.register(configurator + "resolve_max_num_reqs", _cap_requests, HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", _fusion_admission,
+                          HookType.AROUND)
+    HookRegistry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _fuse_chunks,
+                          HookType.AFTER)

@@ -48,6 +48,11 @@ class Retriever:
         self.kernels.encode(self.layers[layer_id], self.rope, k.view(k.shape[0], self.kv_heads, -1), positions,
                             self.codes[layer_id], loc)
 
+    def copy_codes(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's codes of slots ``src`` to slots ``dst`` (int64 [m]): codes are of
+        pre-RoPE keys, so a key moved to another position keeps its code."""
+        self.codes[:, dst] = self.codes[:, src]
+
     def retrieve(self, layer_id: int, q: torch.Tensor, rotation: WRoPERotation, scale: float, slots: torch.Tensor,
                  plan: SelectionPlan, out: torch.Tensor, buffers: DecodeBuffers) -> None:
         """One layer's retrieved slots into ``out`` int64 [B, Hkv, R] (ascending position, -1

@@ -72,7 +72,12 @@ class A2ATSAttnBackend(AttentionBackend):
             self.strategy = OnDevice(dense_backend or default_dense(model_runner), pool, planner, self.retriever,
                                      self.stats, self.retriever.kv_heads * group, pool.get_key_buffer(0).shape[-1],
                                      pool.get_value_buffer(0).shape[-1])
+        if cfg.chunk_fusion:
+            from a2ats_sglang.fusion.served import check_servable
+
+            check_servable(self.attention, cfg.offload)
         self.forward_metadata = None
+        self.fused = self.staged_fusion = None  # chunk fusion: this batch's FusedExtend / the next one's
         self.sparse_layers = frozenset(self.attention.sparse).intersection(self.retriever.layers) if (
             self.attention.layers) else None  # read once: which layers retrieve is fixed at start
         logger.info("a2ats: %s, %d codes, WRoPE distances %s, %s + %d sinks + %d window, dense below %d tokens%s; "
@@ -84,11 +89,23 @@ class A2ATSAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch):
         idle = forward_batch.forward_mode.is_idle() or not forward_batch.batch_size
+        self.fused, self.staged_fusion = self.staged_fusion, None
+        if self.fused is not None:
+            self.fused.check(forward_batch)
         self.forward_metadata = None if idle else self.strategy.init_forward_metadata(forward_batch)
 
+    def stage_fusion(self, fused) -> None:
+        """Chunk fusion: the next extend batch (the one SGLang is building) holds fused requests;
+        ``fused`` (:class:`~a2ats_sglang.fusion.served.FusedExtend`) says where its tokens sit.
+        Handed over here because SGLang's runners copy the forward batch into their own."""
+        self.staged_fusion = fused
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        out = self.strategy.forward_extend(q, k, v, layer, forward_batch, self.forward_metadata, save_kv_cache,
-                                           **kwargs)
+        if self.fused is not None:  # staged by the fusion planner (chunk fusion)
+            out = self.strategy.forward_fused_extend(q, k, v, layer, forward_batch, self.fused, save_kv_cache)
+        else:
+            out = self.strategy.forward_extend(q, k, v, layer, forward_batch, self.forward_metadata, save_kv_cache,
+                                               **kwargs)
         if k is not None and self.is_sparse_layer(layer):
             self.retriever.encode(layer.layer_id, k, forward_batch.positions, forward_batch.out_cache_loc)
         return out
@@ -100,6 +117,11 @@ class A2ATSAttnBackend(AttentionBackend):
             self.retriever.encode(layer.layer_id, k, forward_batch.positions, forward_batch.out_cache_loc)
         return self.strategy.forward_decode(q, k, v, layer, forward_batch, self.forward_metadata, save_kv_cache,
                                             **kwargs)
+
+    def place_kv(self, src, dst, delta) -> None:
+        """Chunk fusion: every layer's K/V and codes of slots ``src`` copied to ``dst``, keys
+        rotated by ``delta`` positions (int64 [m] each)."""
+        self.strategy.place_kv(src, dst, delta)
 
     def is_sparse_layer(self, layer) -> bool:
         if self.sparse_layers is not None:

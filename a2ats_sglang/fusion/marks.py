@@ -1,0 +1,138 @@
+"""A fused request's marks: what the client sends, how its chunks are found in the prompt,
+and the layout the scheduler receives. Both travel in SGLang's ``sampling_params.custom_params``
+(JSON scalars and lists), so ``/generate``, ``/v1/completions`` and ``/v1/chat/completions``
+all carry them unchanged.
+
+Client side (:class:`ChunkMarks`)::
+
+    "custom_params": {"a2ats_chunks": ["<document 1>", "<document 2>"],   # required
+                      "a2ats_recompute_ratio": 0.15,                      # optional, [0, 1]
+                      "a2ats_fusion_method": "a3"}                        # optional: a3 | naive
+
+Every chunk must appear in the prompt, in this order and without overlap, as its own tokens
+(the chunk tokenized alone, without special tokens, is a run of the prompt's tokens: separate
+chunks from the text around them by a newline). The prompt's tokens before the first chunk
+are the shared prefix each chunk's KV is computed after; those after the last chunk are the
+question.
+
+Scheduler side (:class:`FusedLayout`): the chunks' token spans, the ratio and method, and which
+pass the request is (the scoring pass that measures the question's attention, or the final one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from a2ats_sglang.fusion.selection import A3, Naive
+
+CHUNKS_KEY = "a2ats_chunks"
+RATIO_KEY = "a2ats_recompute_ratio"
+METHOD_KEY = "a2ats_fusion_method"
+CLIENT_KEYS = (CHUNKS_KEY, RATIO_KEY, METHOD_KEY)
+LAYOUT_KEY = "a2ats_fusion_layout"  # to the scheduler: [score_pass, ratio_ppm, method index, s0, e0, s1, e1, ...]
+ID_KEY = "a2ats_fusion_id"  # to the scheduler: pairs a scoring pass with its final request
+SERVED_METHODS = (A3.name, Naive.name)  # CacheBlend needs every token's early-layer KV: reference engine only
+EXTRA_KEY_TAG = "\x1fa2ats-fusion"  # radix namespace of fused KV: approximate, never served to a plain request
+
+
+class FusionMarkError(ValueError):
+    """A request's chunk marks are malformed or do not fit the prompt (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class ChunkMarks:
+    """The client's marks: chunk texts (non-empty, in prompt order), recompute ratio, method."""
+
+    chunks: tuple[str, ...]
+    ratio: float
+    method: str
+
+    @classmethod
+    def of(cls, custom_params, default_ratio: float) -> "ChunkMarks | None":
+        """The marks in a request's ``custom_params`` (None when it has none); raises
+        :class:`FusionMarkError` naming the bad field."""
+        if not isinstance(custom_params, dict) or not any(k in custom_params for k in CLIENT_KEYS):
+            return None
+        chunks = custom_params.get(CHUNKS_KEY)
+        if not isinstance(chunks, list) or not chunks or not all(isinstance(c, str) for c in chunks):
+            raise FusionMarkError(f"custom_params.{CHUNKS_KEY} must be a non-empty list of chunk texts")
+        empty = [i for i, c in enumerate(chunks) if not c.strip()]
+        if empty:
+            raise FusionMarkError(f"custom_params.{CHUNKS_KEY}[{empty[0]}] is empty")
+        ratio = custom_params.get(RATIO_KEY, default_ratio)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise FusionMarkError(f"custom_params.{RATIO_KEY} must be a number in [0, 1], got {ratio!r}")
+        method = custom_params.get(METHOD_KEY, A3.name)
+        if method not in SERVED_METHODS:
+            raise FusionMarkError(f"custom_params.{METHOD_KEY} must be one of {SERVED_METHODS}, got {method!r}")
+        return cls(tuple(chunks), float(ratio), method)
+
+    @property
+    def needs_scoring(self) -> bool:
+        """Whether a scoring pass must measure the question's attention first (A³ choosing
+        some but not all of the chunk tokens)."""
+        return self.method == A3.name and 0.0 < self.ratio < 1.0
+
+
+def locate_chunks(prompt: Sequence[int], chunks: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """[start, end) of each chunk's tokens in ``prompt``, searched in order, each after the
+    previous one; raises :class:`FusionMarkError` for a chunk not found, or with no question
+    after the last."""
+    spans, at = [], 0
+    for i, ids in enumerate(chunks):
+        n = len(ids)
+        if n == 0:
+            raise FusionMarkError(f"custom_params.{CHUNKS_KEY}[{i}] has no tokens")
+        first = ids[0]
+        found = -1
+        for s in range(at, len(prompt) - n + 1):
+            if prompt[s] == first and list(prompt[s:s + n]) == list(ids):
+                found = s
+                break
+        if found < 0:
+            raise FusionMarkError(
+                f"custom_params.{CHUNKS_KEY}[{i}] is not in the prompt as its own tokens after the previous chunk "
+                f"(chunks must appear in order, each tokenizing as it does alone: separate them by newlines)")
+        spans.append((found, found + n))
+        at = found + n
+    if at >= len(prompt):
+        raise FusionMarkError("the prompt has no question after its last chunk")
+    return spans
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """What the scheduler learns of a fused request. spans: [start, end) of each chunk in the
+    prompt (ascending, disjoint, the first after the shared prefix); score_pass: this request
+    only measures the question's attention over the naively fused KV, for the final request
+    with the same ``fusion_id``."""
+
+    spans: tuple[tuple[int, int], ...]
+    ratio: float
+    method: str
+    score_pass: bool
+    fusion_id: str
+
+    @property
+    def prefix_len(self) -> int:
+        return self.spans[0][0]
+
+    @property
+    def question_start(self) -> int:
+        return self.spans[-1][1]
+
+    def to_params(self) -> dict:
+        flat = [int(self.score_pass), round(self.ratio * 1_000_000), SERVED_METHODS.index(self.method)]
+        flat += [x for s in self.spans for x in s]
+        return {LAYOUT_KEY: flat, ID_KEY: self.fusion_id}
+
+    @classmethod
+    def of(cls, custom_params) -> "FusedLayout | None":
+        """The layout in a scheduler request's ``custom_params`` (None for a plain request)."""
+        flat = custom_params.get(LAYOUT_KEY) if isinstance(custom_params, dict) else None
+        if flat is None:
+            return None
+        score, ppm, method, *bounds = flat
+        spans = tuple(zip(bounds[0::2], bounds[1::2]))
+        return cls(spans, ppm / 1_000_000, SERVED_METHODS[method], bool(score), str(custom_params[ID_KEY]))
