@@ -12,8 +12,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def server_url(args, backend: str = "a2ats", url: str | None = None):
-    """Yield (url, server or None) for ``backend``: ``url`` if given, else a freshly started server."""
+def server_url(args, backend: str = "a2ats", url: str | None = None, extra_args=()):
+    """Yield (url, server or None) for ``backend``: ``url`` if given, else a freshly started
+    server (with ``extra_args``)."""
     url = url if url is not None else args.url
     if url:
         with nullcontext():
@@ -25,5 +26,6 @@ def server_url(args, backend: str = "a2ats", url: str | None = None):
     model = args.model_path or build_default_model()
     if not args.model_path:
         ensure_default_codebooks(model)
-    with launch_server(model, backend, ["--max-total-tokens", "20000", "--enable-cache-report", "--decode-log-interval", "1"]) as srv:
+    with launch_server(model, backend, ["--max-total-tokens", "20000", "--enable-cache-report", "--decode-log-interval", "1",
+                                       *extra_args]) as srv:
         yield srv.url, srv

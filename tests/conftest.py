@@ -36,6 +36,15 @@ def a2ats(default_model_dir):
 
 
 @pytest.fixture(scope="session")
+def fusing(default_model_dir):
+    """An a2ats server that fuses marked chunks (``--a2ats-chunk-fusion``)."""
+    from a2ats_sglang.harness.server import launch_server
+
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-chunk-fusion"]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
 def dense(default_model_dir):
     """The same model served with SGLang's torch_native backend."""
     from a2ats_sglang.harness.server import launch_server

@@ -70,7 +70,8 @@ async def fused_generate(original, manager, obj, request, default_ratio: float, 
     namespace = {**base, "extra_key": fused_extra_key(obj.extra_key, marks)}
     if marks.needs_scoring:
         layout = FusedLayout(tuple(spans), marks.ratio, marks.method, True, fusion_id)
-        await _prefill(original, manager, ids, custom_params=layout.to_params(), **namespace)
+        rid = f"{obj.rid}.a2ats-score" if isinstance(obj.rid, str) else None  # named after the client's request
+        await _prefill(original, manager, ids, custom_params=layout.to_params(), rid=rid, **namespace)
     layout = FusedLayout(tuple(spans), marks.ratio, marks.method, False, fusion_id)
     custom = {k: v for k, v in (params.get("custom_params") or {}).items() if k not in CLIENT_KEYS}
     obj.sampling_params = {**params, "custom_params": {**custom, **layout.to_params()}}

@@ -105,7 +105,8 @@ class FusedExtend:
 class RoundPlan:
     """One fused request's extend round [start, end): keep bool [end - start], the tokens
     computed; src / dst int64 [m] and delta int64 [m]: KV copied from cached slots to this
-    request's, keys rotated by delta positions."""
+    request's, keys rotated by delta positions; found / missing: chunk tokens copied / not
+    cached (the others of the m copied belong to the shared prefix)."""
 
     keep: torch.Tensor
     src: torch.Tensor
@@ -174,9 +175,10 @@ class FusionPlanner:
                 pos = torch.arange(a, a + n)[mask]
                 question.append((int((pos < q0).sum()), state.scores) if state.scores is not None and
                                 int(pos[-1]) >= q0 else None)
-                logger.info("a2ats fusion: request %s (%s) positions %d-%d: %d computed, %d reused from cached chunks, "
-                            "%d chunk tokens not cached", req.rid, "scoring pass" if state.layout.score_pass else
-                            "final", a, a + n - 1, int(mask.sum()), plan.found, plan.missing)
+                logger.info("a2ats fusion: request %s (%s) positions %d-%d: %d computed, %d chunk tokens reused, %d of "
+                            "the shared prefix copied, %d chunk tokens not cached", req.rid, "scoring pass" if
+                            state.layout.score_pass else "final", a, a + n - 1, int(mask.sum()), plan.found,
+                            int((~mask).sum()) - plan.found, plan.missing)
             index = mask.nonzero().squeeze(1)
             keep.append(index + start)
             positions.append((index + a).to(fb.positions.device))

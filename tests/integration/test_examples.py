@@ -46,3 +46,12 @@ def test_long_document_qa_compares_with_dense(a2ats, dense):
     assert a2ats_right >= dense_right, out  # a2ats answers as often as dense
     for key in ("a2ats", "dense"):  # the answers themselves name the keeper, not only the example's tally
         assert re.search(rf"^  {key}: .*Ottoline.* \(right\)$", out, re.M), out
+
+
+def test_rag_fusion_example_reuses_passages_and_answers(fusing):
+    out = run_example("rag_fusion.py", "--url", fusing.url, "--library", 6, "--questions", 3, "--retrieve", 4)
+    rows = re.findall(r"plain prompt: TTFT ([\d.]+) s .*\n  fused chunks: TTFT ([\d.]+) s", out)
+    assert len(rows) == 3, out
+    right = re.search(r"right answers: plain (\d+)/3, fused (\d+)/3", out)
+    assert right and int(right.group(2)) >= int(right.group(1)) - 1 and int(right.group(1)) >= 2, out
+    assert float(rows[-1][1]) < float(rows[-1][0]), out  # by the last question its passages are cached

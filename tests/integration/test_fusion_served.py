@@ -1,0 +1,132 @@
+"""A³ chunk fusion in a real server (``--a2ats-chunk-fusion``) on the default model: what a
+fused request computes and reuses (read from the scheduler's log line per request), that
+recomputing everything is the full prefill, chunk reuse across orders and questions,
+concurrency with plain requests, chunks evicted before use, bad marks, and refused servers."""
+
+import concurrent.futures as cf
+import re
+
+import pytest
+import requests
+from support.serving import SERVER_ARGS
+
+from a2ats_sglang.harness.rag import RagPrompt, paragraphs, rag_prompt
+from a2ats_sglang.harness.server import launch_server, run_server_expecting_failure
+
+pytestmark = pytest.mark.server
+FUSION = ["--a2ats-chunk-fusion"]
+
+
+@pytest.fixture(scope="module")
+def pool(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return paragraphs(AutoTokenizer.from_pretrained(default_model_dir), 8, 200, 320)
+
+
+def ask(srv, prompt: RagPrompt, marks: dict | None, rid: str | None = None, max_new_tokens: int = 8, **body):
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": 0}
+    if marks is not None:
+        sampling["custom_params"] = marks
+    payload = {"text": prompt.text, "sampling_params": sampling, **body}
+    if rid:
+        payload["rid"] = rid
+    return requests.post(srv.url + "/generate", json=payload, timeout=600)
+
+
+def fused_line(srv, rid: str) -> dict:
+    """The scheduler's account of request ``rid``'s (final) extend."""
+    m = re.findall(rf"a2ats fusion: request {rid} \(final\) positions (\d+)-(\d+): (\d+) computed, (\d+) chunk tokens "
+                   rf"reused, (\d+) of the shared prefix copied, (\d+) chunk tokens not cached", srv.log())
+    assert len(m) == 1, m
+    first, last, computed, reused, prefix, missing = map(int, m[0])
+    return {"tokens": last - first + 1, "computed": computed, "reused": reused, "prefix": prefix, "missing": missing}
+
+
+def test_recomputing_everything_is_the_full_prefill(fusing, pool):
+    """r = 1: every chunk token recomputed (the shared prefix copied exactly): the same
+    greedy tokens as the plain request, through /generate and the chat API."""
+    for seed in (0, 1):
+        p = rag_prompt(pool, 4, seed)
+        plain = ask(fusing, p, None, max_new_tokens=12).json()
+        fused = ask(fusing, p, p.marks(ratio=1.0), rid=f"full-{seed}", max_new_tokens=12).json()
+        assert fused["text"] == plain["text"] and plain["text"].strip()
+        line = fused_line(fusing, f"full-{seed}")
+        assert line["reused"] == 0 and line["computed"] + line["prefix"] == line["tokens"]
+    p = rag_prompt(pool, 3, 5)
+    msgs = [{"role": "user", "content": p.text}]
+    body = {"model": "default", "messages": msgs, "temperature": 0, "max_tokens": 12}
+    plain = requests.post(fusing.url + "/v1/chat/completions", json=body, timeout=600).json()
+    fused = requests.post(fusing.url + "/v1/chat/completions", json={**body, "custom_params": p.marks(ratio=1.0)},
+                          timeout=600).json()
+    assert fused["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
+def test_chunks_reused_in_other_orders_and_the_planted_fact_answered(fusing, pool):
+    """The same documents in another order behind another question: every chunk token found
+    in the radix tree, only the default share recomputed, the planted code still answered."""
+    first = rag_prompt(pool, 4, 10)  # fact in one chunk
+    second = RagPrompt(tuple(reversed(first.chunks)), first.question, first.answer)
+    for i, p in enumerate((first, second)):
+        plain = ask(fusing, p, None).json()["text"]
+        fused = ask(fusing, p, p.marks(), rid=f"order-{i}").json()["text"]
+        assert p.answer in plain and p.answer in fused, (plain, fused)
+    line = fused_line(fusing, "order-1")
+    assert line["missing"] == 0 and line["reused"] > 0.6 * line["tokens"]
+    assert line["computed"] < 0.3 * line["tokens"]
+    again = ask(fusing, second, second.marks(), rid="order-again").json()["text"]  # the fused prompt itself cached
+    assert again == fused and fused_line(fusing, "order-again")["computed"] == 1
+
+
+def test_fused_and_plain_requests_in_flight_together(fusing, pool):
+    prompts = [rag_prompt(pool, 3, s, plant_fact=False) for s in (20, 21)]
+    plain_alone = [ask(fusing, p, None, max_new_tokens=10).json()["text"] for p in prompts]
+    fused_alone = [ask(fusing, p, p.marks(), max_new_tokens=10).json()["text"] for p in prompts]
+    with cf.ThreadPoolExecutor(4) as ex:
+        plain = [ex.submit(ask, fusing, p, None, None, 10) for p in prompts]
+        fused = [ex.submit(ask, fusing, p, p.marks(), None, 10) for p in prompts]
+        assert [f.result().json()["text"] for f in plain] == plain_alone
+        assert [f.result().json()["text"] for f in fused] == fused_alone
+
+
+def test_bad_marks_get_a_clear_error_and_nothing_else_is_disturbed(fusing, a2ats, pool):
+    p = rag_prompt(pool, 2, 30, plant_fact=False)
+    cases = [({"a2ats_chunks": ["", p.chunks[1]]}, {}, "a2ats_chunks[0] is empty"),
+             ({"a2ats_chunks": ["words that are nowhere in this prompt"]}, {}, "is not in the prompt"),
+             ({"a2ats_chunks": list(p.chunks), "a2ats_recompute_ratio": 2}, {}, "in [0, 1]"),
+             ({"a2ats_chunks": list(p.chunks), "a2ats_fusion_method": "cacheblend"}, {}, "one of ('a3', 'naive')"),
+             (p.marks(), {"return_logprob": True, "logprob_start_len": 0}, "does not return prompt logprobs")]
+    for marks, body, message in cases:
+        r = ask(fusing, p, marks, **body)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    long = RagPrompt((p.chunks[0] * 40,), "Question: what?\nAnswer:", "")  # longer than the model's context
+    r = ask(fusing, long, long.marks())
+    assert r.status_code == 400 and "does not fit the model's context" in r.json()["error"]["message"], r.text[:300]
+    r = ask(a2ats, p, p.marks())  # a server started without the flag
+    assert r.status_code == 400 and "--a2ats-chunk-fusion" in r.json()["error"]["message"]
+    assert ask(fusing, p, p.marks(), max_new_tokens=4).status_code == 200  # the server still fuses
+
+
+def test_chunks_evicted_before_the_fused_request_are_recomputed(default_model_dir, pool):
+    """A KV pool barely larger than the prompt: allocating the fused request evicts most of the
+    chunks its admission just cached; what is not found is computed (every token either reused
+    or computed), and the planted fact is still answered."""
+    p = rag_prompt(pool, 6, 40)
+    args = [a for a in SERVER_ARGS] + FUSION
+    args[args.index("--max-total-tokens") + 1] = "2600"
+    with launch_server(default_model_dir, "a2ats", args) as srv:
+        n = ask(srv, p, None, max_new_tokens=1).json()["meta_info"]["prompt_tokens"]
+        assert 1800 < n < 2500
+        plain = ask(srv, p, None).json()["text"]
+        fused = ask(srv, p, p.marks(), rid="evicted").json()["text"]
+        line = fused_line(srv, "evicted")
+    assert line["missing"] > 0.5 * line["tokens"]
+    assert line["computed"] + line["reused"] + line["prefix"] == line["tokens"]  # each token computed or copied
+    assert p.answer in plain and p.answer in fused, (plain, fused)
+
+
+def test_servers_fusion_cannot_serve_stop_at_start(default_model_dir):
+    code, out = run_server_expecting_failure(default_model_dir, "torch_native", FUSION, timeout=120)
+    assert code != 0 and "--a2ats-chunk-fusion: needs --attention-backend a2ats" in out, out[-2000:]
+    code, out = run_server_expecting_failure(default_model_dir, "a2ats", FUSION + ["--a2ats-offload"], timeout=120)
+    assert code != 0 and "not with --a2ats-offload yet" in out, out[-2000:]
