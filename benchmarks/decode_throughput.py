@@ -38,7 +38,7 @@ from pathlib import Path
 import requests
 
 from a2ats_sglang.core.codebook import ModelShape
-from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+from a2ats_sglang.harness.default_model import model_or_default
 from a2ats_sglang.harness.server import launch_server, on_cpu, stream_token_times
 from a2ats_sglang.calibration.texts import long_text
 
@@ -143,9 +143,7 @@ def main(argv=None):
                          "revision, as a2ats@LABEL, and compare this tree's a2ats against it")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
-    model = args.model_path or build_default_model()
-    if not args.model_path:
-        ensure_default_codebooks(model)
+    model = model_or_default(args.model_path)
     from offload_memory import copy_bandwidth
     from transformers import AutoTokenizer
 

@@ -33,7 +33,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_memory import write_results  # noqa: E402
 
-from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks  # noqa: E402
+from a2ats_sglang.harness.default_model import model_or_default  # noqa: E402
 from a2ats_sglang.harness.rag import paragraphs, rag_prompt  # noqa: E402
 from a2ats_sglang.harness.server import launch_server  # noqa: E402
 
@@ -70,9 +70,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    model = args.model_path or build_default_model()
-    if not args.model_path:
-        ensure_default_codebooks(model)
+    model = model_or_default(args.model_path)
     tok = AutoTokenizer.from_pretrained(model)
     pool = paragraphs(tok, args.pool, 256, 512)
     context = 8000  # tokens a prompt may have (the default model's context is 8192; longer draws are redrawn)

@@ -31,7 +31,7 @@ import psutil
 import requests
 from transformers import AutoTokenizer
 
-from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+from a2ats_sglang.harness.default_model import model_or_default
 from a2ats_sglang.harness.server import launch_server, on_cpu
 from a2ats_sglang.calibration.texts import long_text
 
@@ -77,9 +77,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
-    model = Path(args.model_path or build_default_model())
-    if not args.model_path:
-        ensure_default_codebooks(model)
+    model = model_or_default(args.model_path)
     cfg = json.loads((model / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     itemsize = 4 if on_cpu() else 2

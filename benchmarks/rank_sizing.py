@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 from offload_memory import write_results
 
-from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+from a2ats_sglang.harness.default_model import model_or_default
 from a2ats_sglang.harness.server import launch_server, on_cpu
 
 # gloo all-reduce on CPU; every rank sizes from the whole machine's memory, so SGLang's per-rank
@@ -50,9 +50,7 @@ def main(argv=None):
     ap.add_argument("--host-kv-gb", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
-    model = args.model_path or build_default_model()
-    if not args.model_path:
-        ensure_default_codebooks(model)
+    model = model_or_default(args.model_path)
     rows = []
     for tp in args.tp:
         log = serve(model, tp, ["--a2ats-offload", "--a2ats-host-kv-gb", str(args.host_kv_gb)])

@@ -29,7 +29,7 @@ import requests
 from offload_memory import write_results
 
 from a2ats_sglang.calibration.texts import long_text
-from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+from a2ats_sglang.harness.default_model import model_or_default
 from a2ats_sglang.harness.server import launch_router, launch_server, on_cpu
 
 POLICIES = ("cache_aware", "round_robin")
@@ -105,9 +105,7 @@ def main(argv=None):
     ap.add_argument("--name", default="routing", help="results file name (OUT/NAME.md, .json, .png)")
     ap.add_argument("--table-from", type=Path, help="re-render the table and plot of a saved OUT/NAME.json (same flags)")
     args = ap.parse_args(argv)
-    model = args.model_path or build_default_model()
-    if not args.model_path:
-        ensure_default_codebooks(model)
+    model = model_or_default(args.model_path)
     t0 = time.time()
     if args.table_from:  # re-render a saved run
         runs = json.loads(args.table_from.read_text())

@@ -20,12 +20,10 @@ def server_url(args, backend: str = "a2ats", url: str | None = None, extra_args=
         with nullcontext():
             yield url.rstrip("/"), None
         return
-    from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+    from a2ats_sglang.harness.default_model import model_or_default
     from a2ats_sglang.harness.server import launch_server
 
-    model = args.model_path or build_default_model()
-    if not args.model_path:
-        ensure_default_codebooks(model)
+    model = model_or_default(args.model_path)
     with launch_server(model, backend, ["--max-total-tokens", "20000", "--enable-cache-report", "--decode-log-interval", "1",
                                        *extra_args]) as srv:
         yield srv.url, srv

@@ -43,11 +43,7 @@ def fused_extra_key(extra_key: str | None, marks: ChunkMarks) -> str:
 async def fused_generate(original, manager, obj, request, default_ratio: float, fusion_enabled: bool):
     """``TokenizerManager.generate_request`` for a request with chunk marks (see the module);
     ``default_ratio``: the server's recompute ratio."""
-    marks = marks_of(obj, default_ratio)
-    if marks is None:  # a2ats_* keys, none of them marks
-        async for reply in original(manager, obj, request):
-            yield reply
-        return
+    marks = marks_of(obj, default_ratio)  # raises for a2ats_* keys that are not marks
     if not fusion_enabled:
         raise FusionMarkError("this server does not fuse chunks (custom_params.a2ats_chunks): start it with "
                               "--attention-backend a2ats --a2ats-chunk-fusion")

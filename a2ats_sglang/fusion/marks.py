@@ -52,7 +52,12 @@ class ChunkMarks:
     def of(cls, custom_params, default_ratio: float) -> "ChunkMarks | None":
         """The marks in a request's ``custom_params`` (None when it has none); raises
         :class:`FusionMarkError` naming the bad field."""
-        if not isinstance(custom_params, dict) or not any(k in custom_params for k in CLIENT_KEYS):
+        if not isinstance(custom_params, dict):
+            return None
+        reserved = [k for k in custom_params if k.startswith("a2ats_") and k not in CLIENT_KEYS]
+        if reserved:
+            raise FusionMarkError(f"custom_params.{reserved[0]} is not a chunk mark (the marks: {', '.join(CLIENT_KEYS)})")
+        if not any(k in custom_params for k in CLIENT_KEYS):
             return None
         chunks = custom_params.get(CHUNKS_KEY)
         if not isinstance(chunks, list) or not chunks or not all(isinstance(c, str) for c in chunks):

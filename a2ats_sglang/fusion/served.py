@@ -159,10 +159,11 @@ class FusionPlanner:
         keep, positions, question = [], [], []
         start = 0
         counts = []
-        logprob_starts = fb.extend_logprob_start_lens_cpu
+        starts = fb.extend_logprob_start_lens_cpu  # the ScheduleBatch's list: its result processing reads it
+        logprob_starts = None if starts is None else list(starts)
         for i, req in enumerate(batch.reqs):
             a, n = fb.extend_prefix_lens_cpu[i], fb.extend_seq_lens_cpu[i]
-            state = self._state(req, batch.tree_cache)
+            state = self._state(req)
             if state is None:
                 mask = torch.ones(n, dtype=torch.bool)
                 question.append(None)
@@ -184,7 +185,6 @@ class FusionPlanner:
             positions.append((index + a).to(fb.positions.device))
             counts.append(int(index.numel()))
             if logprob_starts is not None and state is not None:  # the same count of prompt logprobs, from the end
-                logprob_starts = list(logprob_starts)  # the list is the ScheduleBatch's: its result processing reads it
                 logprob_starts[i] = counts[-1] - (n - logprob_starts[i])
             start += n
         keep_t = torch.cat(keep).to(fb.input_ids.device)
@@ -203,7 +203,7 @@ class FusionPlanner:
         self.backend.stage_fusion(FusedExtend(positions, question))
 
     # -- one request ---------------------------------------------------------------
-    def _state(self, req, tree) -> RequestFusion | None:
+    def _state(self, req) -> RequestFusion | None:
         state = getattr(req, "a2ats_fusion", None)
         if state is not None:
             return state

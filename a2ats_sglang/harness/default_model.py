@@ -84,6 +84,15 @@ def ensure_default_codebooks(model_dir: Path | None = None) -> Path:
     return path
 
 
+def model_or_default(model_path=None) -> Path:
+    """``model_path`` as given, else the default model, built and calibrated if needed."""
+    if model_path:
+        return Path(model_path)
+    model_dir = build_default_model()
+    ensure_default_codebooks(model_dir)
+    return model_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="model directory (default: the cache)")

@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+from a2ats_sglang.harness.default_model import model_or_default
 from a2ats_sglang.harness.server import launch_server
 from a2ats_sglang.calibration.texts import long_text
 
@@ -22,9 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-path", help="default: the embedded SmolLM2-135M-Instruct (built if needed)")
     p.add_argument("--doc-chars", type=int, default=9000, help="length of the document (about 4 chars per token)")
     args = p.parse_args(argv)
-    model = args.model_path or build_default_model()
-    if not args.model_path:
-        ensure_default_codebooks(model)
+    model = model_or_default(args.model_path)
     print(f"starting SGLang with --attention-backend a2ats on {model} ...", flush=True)
     with launch_server(model, "a2ats", ["--max-total-tokens", "20000", "--decode-log-interval", "1"]) as srv:
         doc = long_text(args.doc_chars)

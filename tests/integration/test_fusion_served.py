@@ -107,22 +107,28 @@ def test_bad_marks_get_a_clear_error_and_nothing_else_is_disturbed(fusing, a2ats
     assert ask(fusing, p, p.marks(), max_new_tokens=4).status_code == 200  # the server still fuses
 
 
-def test_chunks_evicted_before_the_fused_request_are_recomputed(default_model_dir, pool):
+def test_evicted_chunks_are_recomputed_and_long_prompts_fuse_over_prefill_chunks(default_model_dir, pool):
     """A KV pool barely larger than the prompt: allocating the fused request evicts most of the
-    chunks its admission just cached; what is not found is computed (every token either reused
-    or computed), and the planted fact is still answered."""
+    chunks its admission just cached; what is not found is computed (every token computed or
+    copied), and the planted fact is still answered. Prefill in chunks of 512 tokens: each
+    round plans its own positions; recomputing everything is still the full prefill."""
     p = rag_prompt(pool, 6, 40)
-    args = [a for a in SERVER_ARGS] + FUSION
+    args = [a for a in SERVER_ARGS] + FUSION + ["--chunked-prefill-size", "512"]
     args[args.index("--max-total-tokens") + 1] = "2600"
     with launch_server(default_model_dir, "a2ats", args) as srv:
         n = ask(srv, p, None, max_new_tokens=1).json()["meta_info"]["prompt_tokens"]
         assert 1800 < n < 2500
         plain = ask(srv, p, None).json()["text"]
         fused = ask(srv, p, p.marks(), rid="evicted").json()["text"]
-        line = fused_line(srv, "evicted")
-    assert line["missing"] > 0.5 * line["tokens"]
-    assert line["computed"] + line["reused"] + line["prefix"] == line["tokens"]  # each token computed or copied
+        rounds = re.findall(r"a2ats fusion: request evicted \(final\) positions (\d+)-(\d+): (\d+) computed, (\d+) chunk "
+                            r"tokens reused, (\d+) of the shared prefix copied, (\d+) chunk tokens not cached", srv.log())
+        full = ask(srv, p, p.marks(ratio=1.0), rid="all").json()["text"]
+    assert len(rounds) >= 4 and int(rounds[0][0]) == 0 and int(rounds[-1][1]) == n - 1
+    totals = [sum(int(r[i]) for r in rounds) for i in (2, 3, 4, 5)]
+    computed, reused, prefix, missing = totals
+    assert computed + reused + prefix == n and missing > 0  # each token computed or copied
     assert p.answer in plain and p.answer in fused, (plain, fused)
+    assert full == plain
 
 
 def test_servers_fusion_cannot_serve_stop_at_start(default_model_dir):

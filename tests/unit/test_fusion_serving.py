@@ -32,6 +32,7 @@ def test_marks_parsed_with_the_server_default_ratio_and_bad_ones_refused():
         ({"a2ats_chunks": ["a"], "a2ats_recompute_ratio": True}, "in [0, 1]"),
         ({"a2ats_chunks": ["a"], "a2ats_fusion_method": "cacheblend"}, "one of ('a3', 'naive')"),
         ({"a2ats_recompute_ratio": 0.2}, "non-empty list"),  # a ratio without chunks
+        ({"a2ats_fusion_layout": [0, 0, 0, 1, 2]}, "a2ats_fusion_layout is not a chunk mark"),  # the scheduler's own
     ]:
         with pytest.raises(FusionMarkError, match=re.escape(message)):
             ChunkMarks.of(params, 0.15)
