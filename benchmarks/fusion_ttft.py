@@ -117,8 +117,7 @@ def main(argv=None):
     for k in args.chunks:
         full_s = statistics.median(x["seconds"] for x in full[k])
         for v, rs in runs[k].items():
-            per_round = [statistics.median(x["ratio_to_full"] for x in rs if x["round"] == rnd)
-                         for rnd in range(args.rounds)]
+            per_round = round_medians(rs)
             share = statistics.mean(x["computed"] / x["tokens"] for x in rs)
             summary[f"{k}/{v}"] = statistics.median(per_round)
             lines.append(f"| {k} | {statistics.median(x['tokens'] for x in rs)} | {full_s:.2f} | {v} | "
@@ -129,6 +128,12 @@ def main(argv=None):
     print(f"[bench] done in {time.time() - t0:.0f}s")
 
 
+def round_medians(rs: list[dict]) -> list[float]:
+    """Per round, the median speedup of its prompts."""
+    return [statistics.median(x["ratio_to_full"] for x in rs if x["round"] == rnd)
+            for rnd in sorted({x["round"] for x in rs})]
+
+
 def plot(chunks, runs, path: Path) -> None:
     import matplotlib
 
@@ -137,9 +142,9 @@ def plot(chunks, runs, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for v in runs[chunks[0]]:
-        ax.plot(chunks, [statistics.median(x["ratio_to_full"] for x in runs[k][v]) for k in chunks], "o-", label=v)
+        ax.plot(chunks, [statistics.median(round_medians(runs[k][v])) for k in chunks], "o-", label=v)
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xlabel="chunks per prompt", ylabel="TTFT speedup vs full prefill", xscale="log", title="Served chunk fusion")
+    ax.set(xlabel="chunks per prompt", ylabel="TTFT speedup vs full prefill (median of rounds)", xscale="log", title="Served chunk fusion")
     ax.set_xticks(chunks, [str(k) for k in chunks])
     ax.legend()
     fig.tight_layout()
