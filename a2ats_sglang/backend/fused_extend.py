@@ -66,3 +66,16 @@ def fused_extend_attention(query, output, k_cache, v_cache, req_to_token, req_po
         output[start:start + n] = out.movedim(0, 1)
         start += n
     return output
+
+
+def check_servable(attention, offload: bool) -> None:
+    """Raise ValueError where chunk fusion cannot serve this model (``attention``: its
+    :class:`~a2ats_sglang.backend.layers.ModelAttention`) or mode."""
+    if offload:
+        raise ValueError("a2ats chunk fusion: not with --a2ats-offload yet (the resident windows of reused chunk "
+                         "tokens are not filled)")
+    if attention.dense:
+        raise ValueError(f"a2ats chunk fusion: {attention.describe()}; a chunk's keys are moved with one rotation "
+                         f"and attended by position, which layers that stay dense do not share")
+    if attention.logit_caps:
+        raise ValueError("a2ats chunk fusion: attention logit soft-capping is not applied by the fused extend")

@@ -73,7 +73,7 @@ class A2ATSAttnBackend(AttentionBackend):
                                      self.stats, self.retriever.kv_heads * group, pool.get_key_buffer(0).shape[-1],
                                      pool.get_value_buffer(0).shape[-1])
         if cfg.chunk_fusion:
-            from a2ats_sglang.fusion.served import check_servable
+            from a2ats_sglang.backend.fused_extend import check_servable
 
             check_servable(self.attention, cfg.offload)
         self.forward_metadata = None

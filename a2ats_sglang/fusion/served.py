@@ -116,19 +116,6 @@ class RoundPlan:
     missing: int
 
 
-def check_servable(attention, offload: bool) -> None:
-    """Raise ValueError where chunk fusion cannot serve this model (``attention``: its
-    :class:`~a2ats_sglang.backend.layers.ModelAttention`) or mode."""
-    if offload:
-        raise ValueError("a2ats chunk fusion: not with --a2ats-offload yet (the resident windows of reused chunk "
-                         "tokens are not filled)")
-    if attention.dense:
-        raise ValueError(f"a2ats chunk fusion: {attention.describe()}; a chunk's keys are moved with one rotation "
-                         f"and attended by position, which layers that stay dense do not share")
-    if attention.logit_caps:
-        raise ValueError("a2ats chunk fusion: attention logit soft-capping is not applied by the fused extend")
-
-
 def planner_for(model_runner) -> "FusionPlanner":
     """The model runner's :class:`FusionPlanner` (made on its first fused batch)."""
     planner = getattr(model_runner, "a2ats_fusion_planner", None)

@@ -206,3 +206,19 @@ def test_round_copies_only_what_the_tree_holds_and_computes_the_rest():
     assert (plan.found, plan.missing) == (6, 2)
     later = Planner(None, "cpu")._round(req, state, None, slots[11:], 11, 13)  # a later chunked-prefill round
     assert later.keep.tolist() == [True, True] and later.src.numel() == 0
+
+
+def test_backend_refuses_fusion_where_it_cannot_serve():
+    from types import SimpleNamespace
+
+    from a2ats_sglang.backend.fused_extend import check_servable
+    from a2ats_sglang.backend.layers import ModelAttention
+
+    plain = {i: SimpleNamespace(logit_cap=0.0) for i in range(3)}
+    check_servable(ModelAttention(plain, {}), offload=False)
+    with pytest.raises(ValueError, match="--a2ats-offload"):
+        check_servable(ModelAttention(plain, {}), offload=True)
+    with pytest.raises(ValueError, match="sliding window of 512: \\[1\\]"):
+        check_servable(ModelAttention(plain, {1: "sliding window of 512"}), offload=False)
+    with pytest.raises(ValueError, match="soft-capping"):
+        check_servable(ModelAttention({**plain, 2: SimpleNamespace(logit_cap=30.0)}, {}), offload=False)
