@@ -33,6 +33,7 @@ from a2ats_sglang.calibration.texts import wiki_split
 from a2ats_sglang.fusion.reference import FusedPrompt, FusionEngine
 from a2ats_sglang.fusion.selection import A3, CacheBlend, Naive
 from a2ats_sglang.harness.default_model import build_default_model
+from a2ats_sglang.harness.rag import answered_share
 
 NAMES = ["Zorblat", "Quenmir", "Havelin", "Brostak", "Yselda", "Tormund", "Wexley", "Ombrina"]
 TOWNS = ["Karvello", "Duneth", "Prasko", "Ilmarren", "Svetograd", "Ottavel"]
@@ -128,20 +129,21 @@ def main(argv=None):
         if (i + 1) % 10 == 0:
             print(f"[bench] {i + 1}/{args.prompts} prompts, {time.time() - t0:.0f}s", flush=True)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    ans = lambda rs, two: mean([r["answered"] for r in rs if r["two_chunk"] == two])  # noqa: E731
     lines = [f"Model `{Path(model_dir).name}` (transformers, SDPA attention, float32); {args.prompts} prompts of "
              f"{args.chunks} chunks of {args.chunk_tokens[0]}-{args.chunk_tokens[1]} tokens from a pool of {args.pool} "
              f"Wikipedia paragraphs (median prompt {statistics.median(r['tokens'] for r in full_rows)} tokens); "
              f"{platform.machine()}, CPU; {date.today()}.", "",
-             f"Full prefill: planted facts answered {ans(full_rows, False):.2f} (one chunk), {ans(full_rows, True):.2f} "
+             f"Full prefill: planted facts answered {answered_share(full_rows, False):.2f} (one chunk), "
+             f"{answered_share(full_rows, True):.2f} "
              f"(two chunks); median {statistics.median(r['seconds'] for r in full_rows):.2f} s per prompt.", "",
              f"| method @ ratio | mean KL to full (nats) | median KL | first token = full | first {args.gen_tokens} "
              f"tokens = full | facts, one chunk | facts, two chunks | compute share | reference speedup (median) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, rs in rows.items():
         lines.append(f"| {key} | {mean([r['kl'] for r in rs]):.4f} | {statistics.median(r['kl'] for r in rs):.4f} | "
-                     f"{mean([r['top1'] for r in rs]):.2f} | {mean([r['seq'] for r in rs]):.2f} | {ans(rs, False):.2f} | "
-                     f"{ans(rs, True):.2f} | {mean([r['compute'] for r in rs]):.3f} | "
+                     f"{mean([r['top1'] for r in rs]):.2f} | {mean([r['seq'] for r in rs]):.2f} | "
+                     f"{answered_share(rs, False):.2f} | "
+                     f"{answered_share(rs, True):.2f} | {mean([r['compute'] for r in rs]):.3f} | "
                      f"{statistics.median(r['speedup'] for r in rs):.2f}x |")
     write_results(args.out, "fusion_fidelity", "\n".join(lines), {"full": full_rows, "methods": rows})
     plot(rows, args.out / "fusion_fidelity.png")

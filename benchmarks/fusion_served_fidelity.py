@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_memory import write_results  # noqa: E402
 
 from a2ats_sglang.harness.default_model import model_or_default  # noqa: E402
-from a2ats_sglang.harness.rag import paragraphs, rag_prompt  # noqa: E402
+from a2ats_sglang.harness.rag import answered_share, paragraphs, rag_prompt  # noqa: E402
 from a2ats_sglang.harness.server import launch_server  # noqa: E402
 
 TOP = 20
@@ -94,18 +94,18 @@ def main(argv=None):
             if (i + 1) % 10 == 0:
                 print(f"[bench] {i + 1}/{args.prompts} prompts, {time.time() - t0:.0f}s", flush=True)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    ans = lambda rs, two: mean([r["answered"] for r in rs if r["two_chunk"] == two])  # noqa: E731
     lines = [f"Model `{Path(model).name}` served by a2ats with `--a2ats-chunk-fusion`; {args.prompts} prompts of "
              f"{args.chunks} passages of 256-512 tokens from a pool of 32 (median prompt "
              f"{statistics.median(r['tokens'] for r in full_rows)} tokens); {platform.machine()}, {date.today()}.", "",
-             f"Full prefill: planted facts answered {ans(full_rows, False):.2f} (one chunk), "
-             f"{ans(full_rows, True):.2f} (two chunks).", "",
+             f"Full prefill: planted facts answered {answered_share(full_rows, False):.2f} (one chunk), "
+             f"{answered_share(full_rows, True):.2f} (two chunks).", "",
              f"| method @ ratio | mean KL to full (nats, top-{TOP} + rest) | median KL | first token = full | first "
-             f"{args.gen_tokens} tokens = full | facts, one chunk | facts, two chunks |", "|---|---|---|---|---|---|---|"]
+             f"{args.gen_tokens} tokens = full | facts, one chunk | facts, two chunks |",
+             "|---|---|---|---|---|---|---|"]
     for key, rs in rows.items():
         lines.append(f"| {key} | {mean([r['kl'] for r in rs]):.4f} | {statistics.median(r['kl'] for r in rs):.4f} | "
-                     f"{mean([r['top1'] for r in rs]):.2f} | {mean([r['seq'] for r in rs]):.2f} | {ans(rs, False):.2f} | "
-                     f"{ans(rs, True):.2f} |")
+                     f"{mean([r['top1'] for r in rs]):.2f} | {mean([r['seq'] for r in rs]):.2f} | "
+                     f"{answered_share(rs, False):.2f} | {answered_share(rs, True):.2f} |")
     write_results(args.out, "fusion_served_fidelity", "\n".join(lines), {"full": full_rows, "methods": rows})
     print(f"[bench] done in {time.time() - t0:.0f}s")
 

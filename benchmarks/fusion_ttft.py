@@ -103,9 +103,10 @@ def main(argv=None):
                             "round": rnd, "seed": seed, "seconds": s, "ratio_to_full": base_s / s,
                             "top1": out["meta_info"]["output_top_logprobs"][0][0][1] == top,
                             "computed": computed(srv.log(), rid), "tokens": tokens})
-                print(f"[bench] round {rnd + 1} {k} chunks: full {statistics.median(x['seconds'] for x in full[k] if x['round'] == rnd):.2f}s, "
-                      + ", ".join(f"{v} {statistics.median(x['ratio_to_full'] for x in rs if x['round'] == rnd):.2f}x"
-                                  for v, rs in runs[k].items()) + f" ({time.time() - t0:.0f}s)", flush=True)
+                full_s = statistics.median(x["seconds"] for x in full[k] if x["round"] == rnd)
+                speedups = ", ".join(f"{v} {round_medians(rs)[rnd]:.2f}x" for v, rs in runs[k].items())
+                print(f"[bench] round {rnd + 1} {k} chunks: full {full_s:.2f}s, {speedups} ({time.time() - t0:.0f}s)",
+                      flush=True)
     lines = [f"Model `{Path(model).name}`, one a2ats server with `--a2ats-chunk-fusion` (default options otherwise); "
              f"pool of {args.pool} Wikipedia passages of 256-512 tokens ingested first; {args.questions} prompts per "
              f"chunk count per round, {args.rounds} rounds; TTFT = latency of a 1-token request, admission included; "
@@ -144,7 +145,8 @@ def plot(chunks, runs, path: Path) -> None:
     for v in runs[chunks[0]]:
         ax.plot(chunks, [statistics.median(round_medians(runs[k][v])) for k in chunks], "o-", label=v)
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xlabel="chunks per prompt", ylabel="TTFT speedup vs full prefill (median of rounds)", xscale="log", title="Served chunk fusion")
+    ax.set(xlabel="chunks per prompt", ylabel="TTFT speedup vs full prefill (median of rounds)", xscale="log",
+           title="Served chunk fusion")
     ax.set_xticks(chunks, [str(k) for k in chunks])
     ax.legend()
     fig.tight_layout()

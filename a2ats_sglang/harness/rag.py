@@ -93,3 +93,11 @@ def rag_prompt(pool: list[str], k: int, seed: int, two_hop: bool | None = None, 
         question = (f"Question: What is the secret code of the town where {name} lives?\n"
                     f"Answer: The secret code of that town is")
     return RagPrompt(tuple(chunks), question, code)
+
+
+def answered_share(rows: list[dict], two_hop: bool) -> float:
+    """Share of ``rows`` (each with ``answered`` and ``two_chunk``) whose planted fact was
+    answered, among the one-chunk (or, ``two_hop``, the two-chunk) prompts."""
+    picked = [r["answered"] for r in rows if r["two_chunk"] == two_hop]
+    return sum(picked) / len(picked)
+

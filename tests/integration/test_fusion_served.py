@@ -136,3 +136,30 @@ def test_servers_fusion_cannot_serve_stop_at_start(default_model_dir):
     assert code != 0 and "--a2ats-chunk-fusion: needs --attention-backend a2ats" in out, out[-2000:]
     code, out = run_server_expecting_failure(default_model_dir, "a2ats", FUSION + ["--a2ats-offload"], timeout=120)
     assert code != 0 and "not with --a2ats-offload yet" in out, out[-2000:]
+
+
+def test_frontend_program_fuses_the_library_documents_its_prompt_contains(fusing, pool):
+    """An ``sgl.function`` on ChunkFusionEndpoint: the documents in its prompt are marked and
+    fused (a final fused extend logged per gen), the planted code answered as by the plain
+    endpoint; a prompt with no document goes out plain."""
+    import sglang as sgl
+    from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+
+    from a2ats_sglang.fusion.frontend import ChunkFusionEndpoint
+
+    p = rag_prompt(pool, 3, 50)
+    backend = ChunkFusionEndpoint(fusing.url, documents=list(reversed(p.chunks)) + pool)
+    assert backend.marks_for(p.text) == {"a2ats_chunks": list(p.chunks)}  # in prompt order
+
+    @sgl.function
+    def answer(s, text):
+        s += text + sgl.gen("answer", max_tokens=8, temperature=0)
+
+    fused_lines = lambda: len(re.findall(r"a2ats fusion: request \S+ \(final\)", fusing.log()))  # noqa: E731
+    before = fused_lines()
+    fused = answer.run(text=p.text, backend=backend)["answer"]
+    assert fused_lines() == before + 1
+    plain = answer.run(text=p.text, backend=RuntimeEndpoint(fusing.url))["answer"]
+    assert p.answer in fused and p.answer in plain, (fused, plain)
+    answer.run(text="The capital of France is", backend=backend)
+    assert fused_lines() == before + 1
