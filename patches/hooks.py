@@ -100,8 +100,6 @@ def fusion_refusals(ns, cfg) -> list[str]:
     if getattr(ns, "attention_backend", None) != "a2ats" or getattr(ns, "prefill_attention_backend", None) not in (
             None, "a2ats"):
         out.append("needs --attention-backend a2ats (a2ats attends the fused requests' extends by position)")
-    if cfg.offload:
-        out.append("not with --a2ats-offload yet (the resident windows of reused chunk tokens are not filled)")
     for flag in ("tp_size", "dp_size", "pp_size"):
         if int(getattr(ns, flag, 1) or 1) > 1:
             out.append(f"--{flag.replace('_', '-')} {getattr(ns, flag)}: one rank only (each rank would measure "

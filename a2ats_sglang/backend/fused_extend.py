@@ -45,16 +45,17 @@ def positional_attention(q, k, v, positions, scale: float, mass: torch.Tensor | 
 def fused_extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, fused,
                            scale: float) -> torch.Tensor:
     """A batch's extend over a token-slot KV pool, every request by position. query [T, Hq, D]
-    (each request's computed tokens in turn); k_cache [N, Hkv, D] / v_cache [N, Hkv, Dv];
+    (each request's computed tokens in turn); k_cache [N, Hkv, D] / v_cache [N, Hkv, Dv] on any device
+    (the rows a request needs are gathered and moved to the query's);
     ``fused``: the batch's :class:`~a2ats_sglang.fusion.served.FusedExtend`. Writes and returns
     output [T, Hq, Dv]."""
     query = query.movedim(0, 1)
     start = 0
     for i, positions in enumerate(fused.positions):
         n, total = positions.numel(), int(seq_lens[i])
-        tokens = req_to_token[req_pool_indices[i], :total]
-        k = k_cache[tokens].movedim(0, 1).to(query.dtype)
-        v = v_cache[tokens].movedim(0, 1).to(query.dtype)
+        tokens = req_to_token[req_pool_indices[i], :total].to(k_cache.device)
+        k = k_cache[tokens].movedim(0, 1).to(query.device, query.dtype)
+        v = v_cache[tokens].movedim(0, 1).to(query.device, query.dtype)
         rows = query[:, start:start + n]
         question = fused.question[i]
         if question is None:
@@ -68,12 +69,24 @@ def fused_extend_attention(query, output, k_cache, v_cache, req_to_token, req_po
     return output
 
 
-def check_servable(attention, offload: bool) -> None:
+def place_kv(pool, retriever, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
+    """Copy every layer's K/V of ``pool`` (SGLang's layout: [slots, Hkv, D] per layer, on the
+    device or in host memory) and the ``retriever``'s codes from slots ``src`` to slots ``dst``
+    (int64 [m]), keys rotated by ``delta`` (int64 [m]) positions: a cached chunk's KV placed
+    where it sits in a fused prompt. Codes are of pre-RoPE keys: copied as they are."""
+    first = pool.get_key_buffer(next(iter(retriever.layers)))
+    rope = retriever.rope.to(first.device)
+    s, d, shift = src.to(first.device), dst.to(first.device), delta.to(first.device).view(-1, 1)
+    for lid in retriever.layers:
+        k, v = pool.get_key_buffer(lid), pool.get_value_buffer(lid)
+        k[d] = rope.shift(k[s], shift)
+        v[d] = v[s]
+    retriever.copy_codes(src.to(retriever.codes.device), dst.to(retriever.codes.device))
+
+
+def check_servable(attention) -> None:
     """Raise ValueError where chunk fusion cannot serve this model (``attention``: its
-    :class:`~a2ats_sglang.backend.layers.ModelAttention`) or mode."""
-    if offload:
-        raise ValueError("a2ats chunk fusion: not with --a2ats-offload yet (the resident windows of reused chunk "
-                         "tokens are not filled)")
+    :class:`~a2ats_sglang.backend.layers.ModelAttention`)."""
     if attention.dense:
         raise ValueError(f"a2ats chunk fusion: {attention.describe()}; a chunk's keys are moved with one rotation "
                          f"and attended by position, which layers that stay dense do not share")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from a2ats_sglang.backend.fused_extend import fused_extend_attention
+from a2ats_sglang.backend.fused_extend import fused_extend_attention, place_kv
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
 from a2ats_sglang.core.retrieval import WRoPERotation
@@ -66,8 +66,9 @@ class OnDevice:
     def describe(self) -> str:
         return f"on-device, dense backend {type(self.dense).__name__}"
 
-    def init_forward_metadata(self, forward_batch) -> OnDeviceDecodeMetadata | None:
-        """None for extend and for decode batches that stay dense."""
+    def init_forward_metadata(self, forward_batch, fused=None) -> OnDeviceDecodeMetadata | None:
+        """None for extend (``fused``: a chunk-fused extend's plan, which needs nothing more
+        here) and for decode batches that stay dense."""
         self.dense.init_forward_metadata(forward_batch)
         if not forward_batch.forward_mode.is_decode():
             return None
@@ -91,7 +92,7 @@ class OnDevice:
     def forward_extend(self, q, k, v, layer, forward_batch, meta, save_kv_cache=True, **kwargs):
         return self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
 
-    def forward_fused_extend(self, q, k, v, layer, forward_batch, fused, save_kv_cache=True):
+    def forward_fused_extend(self, q, k, v, layer, forward_batch, fused, meta, save_kv_cache=True):
         """An extend batch with chunk-fused requests: every token attends by position
         (:func:`~.fused_extend.fused_extend_attention`). q [T, Hq * D] -> [T, Hq * Dv]."""
         if save_kv_cache and k is not None:
@@ -104,16 +105,7 @@ class OnDevice:
         return out
 
     def place_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
-        """Copy every layer's K/V (and codes) of slots ``src`` to slots ``dst`` (int64 [m]), keys
-        rotated by ``delta`` (int64 [m]) positions: a cached chunk's KV placed where it sits in a
-        fused prompt."""
-        rope, shift = self.retriever.rope, delta.to(self.planner.device).view(-1, 1)
-        src, dst = src.to(self.planner.device), dst.to(self.planner.device)
-        for lid in self.retriever.layers:
-            k, v = self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid)
-            k[dst] = rope.shift(k[src], shift)
-            v[dst] = v[src]
-        self.retriever.copy_codes(src, dst)
+        place_kv(self.pool, self.retriever, src, dst, delta)
 
     def forward_dense_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)

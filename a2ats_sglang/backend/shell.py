@@ -75,7 +75,7 @@ class A2ATSAttnBackend(AttentionBackend):
         if cfg.chunk_fusion:
             from a2ats_sglang.backend.fused_extend import check_servable
 
-            check_servable(self.attention, cfg.offload)
+            check_servable(self.attention)
         self.forward_metadata = None
         self.fused = self.staged_fusion = None  # chunk fusion: this batch's FusedExtend / the next one's
         self.sparse_layers = frozenset(self.attention.sparse).intersection(self.retriever.layers) if (
@@ -92,7 +92,7 @@ class A2ATSAttnBackend(AttentionBackend):
         self.fused, self.staged_fusion = self.staged_fusion, None
         if self.fused is not None:
             self.fused.check(forward_batch)
-        self.forward_metadata = None if idle else self.strategy.init_forward_metadata(forward_batch)
+        self.forward_metadata = None if idle else self.strategy.init_forward_metadata(forward_batch, self.fused)
 
     def stage_fusion(self, fused) -> None:
         """Chunk fusion: the next extend batch (the one SGLang is building) holds fused requests;
@@ -102,7 +102,8 @@ class A2ATSAttnBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if self.fused is not None:  # staged by the fusion planner (chunk fusion)
-            out = self.strategy.forward_fused_extend(q, k, v, layer, forward_batch, self.fused, save_kv_cache)
+            out = self.strategy.forward_fused_extend(q, k, v, layer, forward_batch, self.fused, self.forward_metadata,
+                                                     save_kv_cache)
         else:
             out = self.strategy.forward_extend(q, k, v, layer, forward_batch, self.forward_metadata, save_kv_cache,
                                                **kwargs)

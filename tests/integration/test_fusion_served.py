@@ -134,8 +134,26 @@ def test_evicted_chunks_are_recomputed_and_long_prompts_fuse_over_prefill_chunks
 def test_servers_fusion_cannot_serve_stop_at_start(default_model_dir):
     code, out = run_server_expecting_failure(default_model_dir, "torch_native", FUSION, timeout=120)
     assert code != 0 and "--a2ats-chunk-fusion: needs --attention-backend a2ats" in out, out[-2000:]
-    code, out = run_server_expecting_failure(default_model_dir, "a2ats", FUSION + ["--a2ats-offload"], timeout=120)
-    assert code != 0 and "not with --a2ats-offload yet" in out, out[-2000:]
+    code, out = run_server_expecting_failure(default_model_dir, "a2ats", FUSION + ["--tp-size", "2"], timeout=120)
+    assert code != 0 and "--tp-size 2: one rank only" in out, out[-2000:]
+
+
+def test_offload_fuses_like_on_device(default_model_dir, pool):
+    """With the full KV in host memory: r = 1 is the full prefill, A³ answers the planted code,
+    every chunk token found on a second order, and the decode after a fused prefill (whose
+    resident windows hold copied and computed tokens alike) gives on-device's tokens."""
+    p = rag_prompt(pool, 4, 60)
+    q = RagPrompt(tuple(reversed(p.chunks)), p.question, p.answer)
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + FUSION + ["--a2ats-offload"]) as srv:
+        plain = ask(srv, p, None, max_new_tokens=12).json()["text"]
+        full = ask(srv, p, p.marks(ratio=1.0), max_new_tokens=12).json()["text"]
+        fused = [ask(srv, x, x.marks(), rid=f"off-{i}", max_new_tokens=12).json()["text"] for i, x in enumerate((p, q))]
+        line = fused_line(srv, "off-1")
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + FUSION) as on_device:
+        want = [ask(on_device, x, x.marks(), max_new_tokens=12).json()["text"] for x in (p, q)]
+    assert full == plain and p.answer in plain
+    assert line["missing"] == 0 and line["reused"] > 0.6 * line["tokens"]
+    assert fused == want and all(p.answer in f for f in fused), (fused, want)
 
 
 def test_frontend_program_fuses_the_library_documents_its_prompt_contains(fusing, pool):

@@ -110,9 +110,9 @@ def test_positional_attention_skips_what_is_not_computed():
 
 
 def test_place_kv_moves_a_chunk_as_if_computed_at_its_new_position():
-    """OnDevice.place_kv over a pool laid out as SGLang's ([slots, Hkv, D] per layer): keys
-    rotated at p come out as rotated at p + delta, values and codes copied, nothing else written."""
-    from a2ats_sglang.backend.on_device import OnDevice
+    """place_kv over a pool laid out as SGLang's ([slots, Hkv, D] per layer): keys rotated at p
+    come out as rotated at p + delta, values and codes copied, nothing else written."""
+    from a2ats_sglang.backend.fused_extend import place_kv
 
     rope = RopeSpec(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)), 16)
     pre = torch.randn(2, 6, 2, 16)  # layers x tokens x heads x dim, before rotation
@@ -138,18 +138,13 @@ def test_place_kv_moves_a_chunk_as_if_computed_at_its_new_position():
         def copy_codes(self, src, dst):
             self.codes[:, dst] = self.codes[:, src]
 
-    class Planner:
-        device = "cpu"
-
     pool, retriever = Pool(), Retriever()
     src, dst = torch.arange(0, 6), torch.arange(20, 26)
     for layer in range(2):
         pool.k[layer][src] = rope.rotate(pre[layer], pos.view(-1, 1))
         pool.v[layer][src] = pre[layer] + 1
     codes_before = retriever.codes.clone()
-    strategy = OnDevice.__new__(OnDevice)
-    strategy.pool, strategy.retriever, strategy.planner = pool, retriever, Planner()
-    strategy.place_kv(src, dst, torch.full((6,), 7))
+    place_kv(pool, retriever, src, dst, torch.full((6,), 7))
     for layer in range(2):
         torch.testing.assert_close(pool.k[layer][dst], rope.rotate(pre[layer], (pos + 7).view(-1, 1)), atol=1e-5,
                                    rtol=1e-5)
@@ -170,7 +165,7 @@ def test_servers_fusion_cannot_serve_with_are_refused_naming_why():
                            ({"enable_mixed_chunk": True}, "--enable-mixed-chunk"), ({"device": "cuda"}, "--device cpu")]:
         bad = argparse.Namespace(**{**vars(ns), **change})
         assert any(reason in r for r in fusion_refusals(bad, cfg)), (change, fusion_refusals(bad, cfg))
-    assert any("--a2ats-offload" in r for r in fusion_refusals(ns, A2ATSConfig(chunk_fusion=True, offload=True)))
+    assert fusion_refusals(ns, A2ATSConfig(chunk_fusion=True, offload=True)) == []
 
 
 def test_round_copies_only_what_the_tree_holds_and_computes_the_rest():
@@ -215,10 +210,8 @@ def test_backend_refuses_fusion_where_it_cannot_serve():
     from a2ats_sglang.backend.layers import ModelAttention
 
     plain = {i: SimpleNamespace(logit_cap=0.0) for i in range(3)}
-    check_servable(ModelAttention(plain, {}), offload=False)
-    with pytest.raises(ValueError, match="--a2ats-offload"):
-        check_servable(ModelAttention(plain, {}), offload=True)
+    check_servable(ModelAttention(plain, {}))
     with pytest.raises(ValueError, match="sliding window of 512: \\[1\\]"):
-        check_servable(ModelAttention(plain, {1: "sliding window of 512"}), offload=False)
+        check_servable(ModelAttention(plain, {1: "sliding window of 512"}))
     with pytest.raises(ValueError, match="soft-capping"):
-        check_servable(ModelAttention({**plain, 2: SimpleNamespace(logit_cap=30.0)}, {}), offload=False)
+        check_servable(ModelAttention({**plain, 2: SimpleNamespace(logit_cap=30.0)}, {}))
