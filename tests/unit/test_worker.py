@@ -121,6 +121,7 @@ def test_killed_worker_is_replaced_and_the_request_recomputed(pool, worker):
     _, _, ks, vs = pool
     q, slots = request()
     old = worker.pid
+    os.kill(old, signal.SIGSTOP)  # it cannot answer before it dies (else the kill may come after its reply)
     worker.submit(1, q, slots, 0.5)
     os.kill(old, signal.SIGKILL)
     out, lse = worker.wait()
