@@ -2,10 +2,11 @@
 passages, each with a planted fact; every question retrieves a few passages (in a different
 order each time) and is asked twice of one server started with ``--a2ats-chunk-fusion``:
 as a plain prompt (SGLang reuses only an exact prefix) and with the passages marked as
-chunks (their KV reused at any position, ``--ratio`` of their tokens recomputed). Prints
+chunks (their KV reused at any position, ``--ratio`` of their tokens recomputed; default the
+server's ``--a2ats-fusion-ratio``). Prints
 the time to first token and the answer of each.
 
-    python examples/rag_fusion.py [--url URL] [--library 12] [--questions 6] [--retrieve 6] [--ratio 0.15]
+    python examples/rag_fusion.py [--url URL] [--library 12] [--questions 6] [--retrieve 6] [--ratio R]
 
 A client marks chunks with ``custom_params``::
 
@@ -49,10 +50,12 @@ def library(tokenizer_path: str | None, url: str, size: int) -> list[tuple[str, 
     return out
 
 
-def ask(url: str, prompt: str, chunks: list[str] | None, ratio: float) -> tuple[float, str]:
+def ask(url: str, prompt: str, chunks: list[str] | None, ratio: float | None) -> tuple[float, str]:
     sampling = {"max_new_tokens": 8, "temperature": 0}
     if chunks is not None:
-        sampling["custom_params"] = {"a2ats_chunks": chunks, "a2ats_recompute_ratio": ratio}
+        sampling["custom_params"] = {"a2ats_chunks": chunks}
+        if ratio is not None:
+            sampling["custom_params"]["a2ats_recompute_ratio"] = ratio
     t = time.perf_counter()
     r = requests.post(url + "/generate", json={"text": prompt, "sampling_params": sampling, "stream": True},
                       stream=True, timeout=900)
@@ -67,7 +70,7 @@ def ask(url: str, prompt: str, chunks: list[str] | None, ratio: float) -> tuple[
     return first, text.strip()
 
 
-def run(url: str, size: int, questions: int, retrieve: int, ratio: float, tokenizer_path=None) -> list[dict]:
+def run(url: str, size: int, questions: int, retrieve: int, ratio: float | None, tokenizer_path=None) -> list[dict]:
     from a2ats_sglang.harness.rag import INSTRUCTION
 
     docs = library(tokenizer_path, url, size)
@@ -100,7 +103,7 @@ def main(argv=None):
     p.add_argument("--library", type=int, default=12, help="passages in the library")
     p.add_argument("--questions", type=int, default=6)
     p.add_argument("--retrieve", type=int, default=6, help="passages per question")
-    p.add_argument("--ratio", type=float, default=0.15, help="share of the chunk tokens recomputed")
+    p.add_argument("--ratio", type=float, help="share of the chunk tokens recomputed (default: the server's)")
     args = p.parse_args(argv)
     with server_url(args, "a2ats", extra_args=["--a2ats-chunk-fusion"]) as (url, _):
         run(url, args.library, args.questions, args.retrieve, args.ratio, args.model_path)
