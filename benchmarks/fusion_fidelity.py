@@ -33,10 +33,8 @@ from a2ats_sglang.calibration.texts import wiki_split
 from a2ats_sglang.fusion.reference import FusedPrompt, FusionEngine
 from a2ats_sglang.fusion.selection import A3, CacheBlend, Naive
 from a2ats_sglang.harness.default_model import build_default_model
-from a2ats_sglang.harness.rag import answered_share
+from a2ats_sglang.harness.rag import NAMES, TOWNS, answered_share
 
-NAMES = ["Zorblat", "Quenmir", "Havelin", "Brostak", "Yselda", "Tormund", "Wexley", "Ombrina"]
-TOWNS = ["Karvello", "Duneth", "Prasko", "Ilmarren", "Svetograd", "Ottavel"]
 
 
 def paragraph_pool(tok, n: int, lo: int, hi: int) -> list[list[int]]:

@@ -254,10 +254,11 @@ def _fusion_config():
 
 
 def _fusion_admission(original, manager, obj, request=None):
+    from a2ats_sglang.fusion.marks import names_fusion
+
     params = getattr(obj, "sampling_params", None)
-    marked = any(isinstance(p, dict) and isinstance(p.get("custom_params"), dict) and any(
-        k.startswith("a2ats_") for k in p["custom_params"]) for p in (params if isinstance(params, list) else [params]))
-    if not marked:
+    if not any(isinstance(p, dict) and names_fusion(p.get("custom_params"))
+               for p in (params if isinstance(params, list) else [params])):
         return original(manager, obj, request)
     from a2ats_sglang.fusion.admission import fused_generate
 

@@ -69,6 +69,20 @@ def fused_extend_attention(query, output, k_cache, v_cache, req_to_token, req_po
     return output
 
 
+def fused_extend_layer(pool, req_to_token, q, k, v, layer, forward_batch, fused, save_kv_cache: bool) -> torch.Tensor:
+    """One attention layer of a fused extend batch over SGLang's KV ``pool`` (on the device or
+    in host memory): the new K/V written at the batch's slots, then every computed token
+    attends by position (:func:`fused_extend_attention`). q [T, Hq * D] -> [T, Hq * Dv]."""
+    if save_kv_cache and k is not None:
+        pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+    lid, hq = layer.layer_id, layer.tp_q_head_num
+    out = q.new_empty(q.shape[0], hq * layer.v_head_dim)
+    fused_extend_attention(q.view(-1, hq, layer.qk_head_dim), out.view(-1, hq, layer.v_head_dim),
+                           pool.get_key_buffer(lid), pool.get_value_buffer(lid), req_to_token,
+                           forward_batch.req_pool_indices, forward_batch.seq_lens_cpu, fused, layer.scaling)
+    return out
+
+
 def place_kv(pool, retriever, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
     """Copy every layer's K/V of ``pool`` (SGLang's layout: [slots, Hkv, D] per layer, on the
     device or in host memory) and the ``retriever``'s codes from slots ``src`` to slots ``dst``

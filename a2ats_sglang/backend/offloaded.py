@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from a2ats_sglang.backend.dense import paged_extend_attention
-from a2ats_sglang.backend.fused_extend import fused_extend_attention, place_kv
+from a2ats_sglang.backend.fused_extend import fused_extend_layer
 from a2ats_sglang.backend.layers import ModelAttention
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
@@ -136,7 +136,7 @@ class Offload:
     def init_forward_metadata(self, forward_batch, fused=None):
         if forward_batch.forward_mode.is_decode():
             return self._decode_metadata(forward_batch)
-        return self._extend_metadata(forward_batch) if fused is None else self._fused_extend_metadata(forward_batch)
+        return self._extend_metadata(forward_batch, fused)
 
     def _decode_metadata(self, forward_batch) -> OffloadDecodeMetadata:
         batch = self.planner.plan(forward_batch)
@@ -154,14 +154,24 @@ class Offload:
         return OffloadDecodeMetadata(batch, selection, rotation, window, self.resident.rows(req, batch.positions),
                                      buffers)
 
-    def _extend_metadata(self, forward_batch) -> OffloadExtendMetadata:
+    def _extend_metadata(self, forward_batch, fused=None) -> OffloadExtendMetadata:
+        """Plain extend: the new tokens' window rows from their K/V, the cached prefix's from the
+        pool. With ``fused`` (chunk-fused requests: KV copied into some slots, written into others
+        by this forward) every kept position of each request is read from the pool after the
+        layer's writes."""
         req, lens, ext = forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.extend_seq_lens
-        tok_req = torch.repeat_interleave(req, ext)
-        tok_len = torch.repeat_interleave(lens, ext)
-        new_index = self.resident.kept(forward_batch.positions, tok_len).nonzero().squeeze(1)
-        new_rows = self.resident.rows(tok_req[new_index], forward_batch.positions[new_index])
+        seq_lens = forward_batch.seq_lens_cpu.tolist()
+        if fused is None:
+            tok_req = torch.repeat_interleave(req, ext)
+            tok_len = torch.repeat_interleave(lens, ext)
+            new_index = self.resident.kept(forward_batch.positions, tok_len).nonzero().squeeze(1)
+            new_rows = self.resident.rows(tok_req[new_index], forward_batch.positions[new_index])
+            from_pool = forward_batch.extend_prefix_lens_cpu
+        else:
+            new_index = new_rows = torch.zeros(0, dtype=torch.int64, device=req.device)
+            from_pool = seq_lens
         reqs, positions = [], []
-        for i, (p, n) in enumerate(zip(forward_batch.extend_prefix_lens_cpu, forward_batch.seq_lens_cpu.tolist())):
+        for i, (p, n) in enumerate(zip(from_pool, seq_lens)):
             if p > 0:
                 pos = self.resident.prefix_positions(p, n)
                 reqs.append(torch.full_like(pos, i))
@@ -173,22 +183,6 @@ class Offload:
         pos = torch.cat(positions).to(req.device)
         prefix_slots = self.req_to_token[which, pos].to("cpu", torch.int64)
         return OffloadExtendMetadata(new_index, new_rows, prefix_slots, self.resident.rows(which, pos))
-
-    def _fused_extend_metadata(self, forward_batch) -> OffloadExtendMetadata:
-        """An extend with chunk-fused requests (KV copied into some slots, written into others by
-        this forward): every kept position of each request (its sinks and window) is filled from
-        the host pool after each layer's writes."""
-        req = forward_batch.req_pool_indices
-        reqs, positions = [], []
-        for i, n in enumerate(forward_batch.seq_lens_cpu.tolist()):
-            pos = self.resident.prefix_positions(n, n)
-            reqs.append(torch.full_like(pos, i))
-            positions.append(pos)
-        which = req[torch.cat(reqs).to(req.device)]
-        pos = torch.cat(positions).to(req.device)
-        empty = torch.zeros(0, dtype=torch.int64, device=req.device)
-        return OffloadExtendMetadata(empty, empty, self.req_to_token[which, pos].to("cpu", torch.int64),
-                                     self.resident.rows(which, pos))
 
     # -- layers -------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, meta: OffloadExtendMetadata, save_kv_cache=True,
@@ -214,22 +208,14 @@ class Offload:
 
     def forward_fused_extend(self, q, k, v, layer, forward_batch, fused, meta: OffloadExtendMetadata,
                              save_kv_cache=True):
-        """An extend batch with chunk-fused requests over the host pool (every token by position:
-        :func:`~.fused_extend.fused_extend_attention`), then the layer's resident windows from the
+        """An extend batch with chunk-fused requests over the host pool
+        (:func:`~.fused_extend.fused_extend_layer`), then the layer's resident windows from the
         host copy. q [T, Hq * D] -> [T, Hq * Dv]."""
-        lid, hq = layer.layer_id, layer.tp_q_head_num
-        if save_kv_cache and k is not None:
-            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        kbuf, vbuf = self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid)
-        out = q.new_empty(q.shape[0], hq * layer.v_head_dim)
-        fused_extend_attention(q.view(-1, hq, layer.qk_head_dim), out.view(-1, hq, layer.v_head_dim), kbuf, vbuf,
-                               self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens_cpu, fused,
-                               layer.scaling)
-        self.resident.store(lid, meta.prefix_rows, kbuf[meta.prefix_slots], vbuf[meta.prefix_slots])
+        out = fused_extend_layer(self.pool, self.req_to_token, q, k, v, layer, forward_batch, fused, save_kv_cache)
+        lid = layer.layer_id
+        self.resident.store(lid, meta.prefix_rows, self.pool.get_key_buffer(lid)[meta.prefix_slots],
+                            self.pool.get_value_buffer(lid)[meta.prefix_slots])
         return out
-
-    def place_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
-        place_kv(self.pool, self.retriever, src, dst, delta)
 
     def forward_dense_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         raise RuntimeError(f"a2ats offload: layer {layer.layer_id} is not a plain causal layer (refused at start)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from a2ats_sglang.backend.fused_extend import fused_extend_attention, place_kv
+from a2ats_sglang.backend.fused_extend import fused_extend_layer
 from a2ats_sglang.backend.planner import AttendedShare, DecodeBatch, DecodePlanner, SelectionBuffer
 from a2ats_sglang.backend.retriever import Retriever
 from a2ats_sglang.core.retrieval import WRoPERotation
@@ -93,19 +93,9 @@ class OnDevice:
         return self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
 
     def forward_fused_extend(self, q, k, v, layer, forward_batch, fused, meta, save_kv_cache=True):
-        """An extend batch with chunk-fused requests: every token attends by position
-        (:func:`~.fused_extend.fused_extend_attention`). q [T, Hq * D] -> [T, Hq * Dv]."""
-        if save_kv_cache and k is not None:
-            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        lid, hq = layer.layer_id, layer.tp_q_head_num
-        out = q.new_empty(q.shape[0], hq * layer.v_head_dim)
-        fused_extend_attention(q.view(-1, hq, layer.qk_head_dim), out.view(-1, hq, layer.v_head_dim),
-                               self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid), self.planner.req_to_token,
-                               forward_batch.req_pool_indices, forward_batch.seq_lens_cpu, fused, layer.scaling)
-        return out
-
-    def place_kv(self, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
-        place_kv(self.pool, self.retriever, src, dst, delta)
+        """An extend batch with chunk-fused requests (:func:`~.fused_extend.fused_extend_layer`)."""
+        return fused_extend_layer(self.pool, self.planner.req_to_token, q, k, v, layer, forward_batch, fused,
+                                  save_kv_cache)
 
     def forward_dense_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)

@@ -22,6 +22,7 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from a2ats_sglang.backend.fused_extend import check_servable, place_kv
 from a2ats_sglang.backend.layers import ModelAttention, dense_reason
 from a2ats_sglang.backend.parallel import TensorParallel
 from a2ats_sglang.backend.planner import AttendedShare, CaptureBatch, DecodePlanner
@@ -73,8 +74,6 @@ class A2ATSAttnBackend(AttentionBackend):
                                      self.stats, self.retriever.kv_heads * group, pool.get_key_buffer(0).shape[-1],
                                      pool.get_value_buffer(0).shape[-1])
         if cfg.chunk_fusion:
-            from a2ats_sglang.backend.fused_extend import check_servable
-
             check_servable(self.attention)
         self.forward_metadata = None
         self.fused = self.staged_fusion = None  # chunk fusion: this batch's FusedExtend / the next one's
@@ -122,7 +121,7 @@ class A2ATSAttnBackend(AttentionBackend):
     def place_kv(self, src, dst, delta) -> None:
         """Chunk fusion: every layer's K/V and codes of slots ``src`` copied to ``dst``, keys
         rotated by ``delta`` positions (int64 [m] each)."""
-        self.strategy.place_kv(src, dst, delta)
+        place_kv(self.strategy.pool, self.retriever, src, dst, delta)
 
     def is_sparse_layer(self, layer) -> bool:
         if self.sparse_layers is not None:

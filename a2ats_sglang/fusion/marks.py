@@ -26,6 +26,7 @@ from typing import Sequence
 
 from a2ats_sglang.fusion.selection import A3, Naive
 
+KEY_PREFIX = "a2ats_"  # every custom_params key of chunk fusion, the client's and the scheduler's
 CHUNKS_KEY = "a2ats_chunks"
 RATIO_KEY = "a2ats_recompute_ratio"
 METHOD_KEY = "a2ats_fusion_method"
@@ -34,6 +35,11 @@ LAYOUT_KEY = "a2ats_fusion_layout"  # to the scheduler: [score_pass, ratio_ppm, 
 ID_KEY = "a2ats_fusion_id"  # to the scheduler: pairs a scoring pass with its final request
 SERVED_METHODS = (A3.name, Naive.name)  # CacheBlend needs every token's early-layer KV: reference engine only
 EXTRA_KEY_TAG = "\x1fa2ats-fusion"  # radix namespace of fused KV: approximate, never served to a plain request
+
+
+def names_fusion(custom_params) -> bool:
+    """Whether ``custom_params`` holds any key of chunk fusion (well-formed or not)."""
+    return isinstance(custom_params, dict) and any(k.startswith(KEY_PREFIX) for k in custom_params)
 
 
 class FusionMarkError(ValueError):
@@ -54,7 +60,7 @@ class ChunkMarks:
         :class:`FusionMarkError` naming the bad field."""
         if not isinstance(custom_params, dict):
             return None
-        reserved = [k for k in custom_params if k.startswith("a2ats_") and k not in CLIENT_KEYS]
+        reserved = [k for k in custom_params if k.startswith(KEY_PREFIX) and k not in CLIENT_KEYS]
         if reserved:
             raise FusionMarkError(f"custom_params.{reserved[0]} is not a chunk mark (the marks: {', '.join(CLIENT_KEYS)})")
         if not any(k in custom_params for k in CLIENT_KEYS):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from a2ats_sglang.fusion.marks import EXTRA_KEY_TAG, FusedLayout
-from a2ats_sglang.fusion.selection import top_ratio
+from a2ats_sglang.fusion.selection import A3, top_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class RequestFusion:
     layout: FusedLayout
     recompute: torch.Tensor
     scores: torch.Tensor | None
-    chunk_tokens: int
 
 
 @dataclass
@@ -210,7 +209,7 @@ class FusionPlanner:
             SCORES.put(layout.fusion_id, scores)
         elif layout.ratio >= 1.0:
             recompute[chunk] = True
-        elif layout.ratio > 0.0 and layout.method == "a3":
+        elif layout.ratio > 0.0 and layout.method == A3.name:
             measured = SCORES.take(layout.fusion_id)
             if measured is None or measured.numel() != n:
                 logger.warning("a2ats fusion: request %s: no scoring pass found (%s); every chunk token is recomputed",
@@ -218,13 +217,13 @@ class FusionPlanner:
                 recompute[chunk] = True
             else:
                 recompute[chunk[top_ratio(measured.cpu()[chunk], layout.ratio)]] = True
-        state = RequestFusion(layout, recompute, scores, int(chunk.numel()))
+        state = RequestFusion(layout, recompute, scores)
         req.a2ats_fusion = state
         return state
 
     def _round(self, req, state: RequestFusion, tree, slots: torch.Tensor, a: int, b: int) -> RoundPlan:
         """What positions [a, b) of ``req`` compute and copy (slots: the KV slots SGLang gave
-        them; its ``req_to_token`` row is written later, on the forward stream)."""
+        them this round, in position order)."""
         layout, ids = state.layout, req.origin_input_ids
         p, spans = layout.prefix_len, layout.spans
         src = torch.full((b - a,), -1, dtype=torch.int64)

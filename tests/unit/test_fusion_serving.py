@@ -190,7 +190,7 @@ def test_round_copies_only_what_the_tree_holds_and_computes_the_rest():
 
     recompute = torch.zeros(len(ids), dtype=torch.bool)
     recompute[3] = True  # chosen: c1's second token
-    state = RequestFusion(layout, recompute, None, 9)
+    state = RequestFusion(layout, recompute, None)
     req = type("Req", (), {"origin_input_ids": ids, "extra_key": "tenant", "cache_salt": None})()
     slots = torch.arange(500, 513)
     plan = Planner(None, "cpu")._round(req, state, None, slots, 0, 13)
