@@ -3,11 +3,12 @@
 //
 // Two algorithms with one result. retrieve_hist_cpu (served): a token's score is one LUT
 // cell (distance bucket x code), so it counts tokens per cell, finds each query head's
-// threshold by a radix select over the cells' scores weighted by their counts, with digits
-// fitted to the scores' range (O(cells), not O(tokens)), and emits the union in one
-// streaming pass over the codes with a per-cell bitmask of the heads that take the cell
-// whole; the boundary cells (score equal to a head's threshold) give their earliest
-// tokens, as many as that head still needs.
+// threshold over the cells (O(cells), not O(tokens)): bit by bit over the scores'
+// order-preserving integer keys, each step one vectorized pass that sums the counts of the
+// cells at or above a candidate, narrowed every 4 bits to the cells still in range; and emits
+// the union in one streaming pass over the tokens' cells with a per-cell flag of whether some
+// head takes the cell whole (16 positions at a time with AVX-512); the boundary cells (score
+// equal to a head's threshold) give their earliest tokens, as many as that head still needs.
 // retrieve_topk_cpu (the earlier kernel, kept as the benchmarks' baseline and a second
 // oracle): per head, an int64 key per token and nth_element.
 //
@@ -28,6 +29,10 @@
 #include <limits>
 #include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -76,26 +81,61 @@ struct Selection {
     out = out_.data_ptr<int64_t>();
   }
 
-  // Visits the LUT cell (distance bucket x C + code) of positions [lo, hi) of request b for KV head h, in
-  // position order. Position j is at distance n - 1 - j, in bucket #{bounds <= distance}; distances fall as
-  // positions rise, so each bucket is a run of positions, the one above bound B starting at distance ceil(B)
-  // (exact for distances below 2^24).
-  template <typename Visit>
-  void cells(int64_t b, int64_t h, int64_t n, int64_t lo, int64_t hi, Visit visit) const {
-    const int64_t* sl = slots + b * L;
-    const int16_t* col = codes + h * code_head;
-    int64_t j = lo;
+  // Calls run(first, last, base) for the positions [lo, hi) of a request of n tokens split into runs of one
+  // distance bucket, in position order (base = bucket x C: the run's first LUT cell). Position j is at
+  // distance n - 1 - j, in bucket #{bounds <= distance}; distances fall as positions rise, so each bucket is a
+  // run of positions, the one above bound B starting at distance ceil(B) (exact for distances below 2^24).
+  // Returns the number of leading cells any of the positions can fall in: (the farthest bucket + 1) x C.
+  template <typename Run>
+  int64_t bucket_runs(int64_t n, int64_t lo, int64_t hi, Run run) const {
+    int64_t j = lo, used = 0;
     for (int64_t bucket = NB - 1; bucket >= 0 && j < hi; --bucket) {
       const int64_t nearest = bucket == 0 ? 0 : static_cast<int64_t>(std::ceil(bounds[bucket - 1]));
       const int64_t end = std::min(hi, n - nearest);
-      const int32_t base = static_cast<int32_t>(bucket * C);
-      for (; j < end; ++j) visit(j - lo, base + col[sl[j] * code_row]);
+      if (j >= end) continue;
+      if (used == 0) used = (bucket + 1) * C;
+      run(j, end, static_cast<int32_t>(bucket * C));
+      j = end;
     }
+    return used;
   }
 
-  // Runs select(b, h, n, lo, m, top, compact) for every (request, KV head) with tokens to retrieve (top: the
-  // most any head takes, <= m); select calls compact(take) once, take(i) true for each retrieved position
-  // lo + i. Fills the rest with -1. A request is covered (nothing to retrieve) when its least count +
+  // Visits the LUT cell (bucket x C + code) of positions [lo, hi) of request b for KV head h, in position
+  // order, as visit(j - lo, cell); returns bucket_runs' cell count.
+  template <typename Visit>
+  int64_t cells(int64_t b, int64_t h, int64_t n, int64_t lo, int64_t hi, Visit visit) const {
+    const int64_t* sl = slots + b * L;
+    const int16_t* col = codes + h * code_head;
+    return bucket_runs(n, lo, hi, [&](int64_t first, int64_t last, int32_t base) {
+      for (int64_t j = first; j < last; ++j) visit(j - lo, base + col[sl[j] * code_row]);
+    });
+  }
+
+  // cells() into cell[j - lo], counting the tokens per cell into count (the arrays do not alias: four
+  // positions' codes are read before their cells are stored and counted).
+  int64_t count_cells(int64_t b, int64_t h, int64_t n, int64_t lo, int64_t hi, int32_t* cell_out,
+                      int32_t* count_out) const {
+    const int64_t* __restrict sl = slots + b * L;
+    const int16_t* __restrict col = codes + h * code_head;
+    int32_t* __restrict cell = cell_out - lo;  // indexed by position
+    int32_t* __restrict count = count_out;
+    const int64_t row = code_row;
+    return bucket_runs(n, lo, hi, [&](int64_t first, int64_t last, int32_t base) {
+      int64_t j = first;
+      for (; j + 4 <= last; j += 4) {
+        const int32_t c0 = base + col[sl[j] * row], c1 = base + col[sl[j + 1] * row];
+        const int32_t c2 = base + col[sl[j + 2] * row], c3 = base + col[sl[j + 3] * row];
+        cell[j] = c0, cell[j + 1] = c1, cell[j + 2] = c2, cell[j + 3] = c3;
+        ++count[c0], ++count[c1], ++count[c2], ++count[c3];
+      }
+      for (; j < last; ++j) ++count[cell[j] = base + col[sl[j] * row]];
+    });
+  }
+
+  // Runs written = select(b, h, n, lo, m, top, sl, row) for every (request, KV head) with tokens to retrieve
+  // (top: the most any head takes, <= m; sl: the slots of positions lo..lo + m; row: the head's output row of
+  // R): select writes the slots it retrieves, in position order, and returns how many (> R: an overflow,
+  // nothing written past R). Fills the rest with -1. A request is covered (nothing to retrieve) when its least count +
   // sinks + window reach its length.
   template <typename Select>
   void run(Select select) const {
@@ -109,7 +149,7 @@ struct Selection {
         if (retrieves(lens[b], n, top, top_p, min_tokens, sinks, window)) {  // else covered by the fixed part, or nothing to score
           const int64_t* const sl = slots + b * L + lo;
           const int64_t m = hi - lo;
-          select(b, h, n, lo, m, std::min(top, m), [&](auto take) { written = compact(sl, m, row, R, take); });
+          written = select(b, h, n, lo, m, std::min(top, m), sl, row);
         }
         if (written > R) overflow.store(written);
         std::fill(row + std::min(written, R), row + R, -1);
@@ -149,41 +189,167 @@ inline uint32_t ordered(float x) {  // float32 -> uint32 with the same order
 
 // One thread's working memory for retrieve_hist_cpu, kept between calls: per cell (NC = NB * C) the token
 // count, its key under the current head, whether some head takes it whole (kWhole) or cuts it at its
-// threshold (kTie), the heads that cut it (bitmask) and a head's mass; per token its cell; the cell lists of
-// the threshold search.
+// threshold (kTie; 3 bytes of padding after the flags for the compaction's 4-byte gathers), the heads that
+// cut it (bitmask) and a head's mass; per token its cell; the cells at some head's threshold; the cell
+// lists of the top-p search.
 struct HistScratch {
-  std::vector<int32_t> cell, count, nonempty, cand, next;
-  std::vector<uint32_t> keys;
+  std::vector<int32_t> cell, count, win_count, ties, nonempty, cand, next;
+  std::vector<uint32_t> keys, win_keys;
   std::vector<uint8_t> flag;
   std::vector<uint64_t> tie;
   std::vector<double> mass;
 
   void reserve(int64_t cells, int64_t tokens) {
     if (static_cast<int64_t>(count.size()) < cells)
-      count.assign(cells, 0), keys.resize(cells), flag.assign(cells, 0), tie.assign(cells, 0), mass.resize(cells);
+      count.assign(cells, 0), keys.resize(cells), win_count.resize(cells), win_keys.resize(cells), flag.assign(cells + 3, 0), tie.assign(cells, 0), mass.resize(cells);
     if (static_cast<int64_t>(cell.size()) < tokens) cell.resize(tokens);
   }
 };
 constexpr uint8_t kWhole = 1, kTie = 2;
 
-constexpr int kBinBits = 11;  // radix digit of select_threshold: 2^11 bins per level
+using a2ats::ivec;
+using a2ats::kLanes;
+typedef uint32_t uvec __attribute__((vector_size(4 * kLanes)));
 
-// The threshold of the cells in `cells` by their keys, largest first, weighted by weight[c] (token counts,
-// or a head's estimated softmax mass): the key t with (weight of keys > t) < want <= (weight of keys >= t).
-// A radix select whose digits adapt to the keys' range: each level bins [min, max] of the remaining keys
-// into 2^kBinBits and keeps the bin where `want` is reached (one head's scores share sign and exponent,
-// so fixed bytes of the key would split little); `range`: the min and max key of `cells`, found by the
-// caller as it wrote the keys. Calls above(c) for every cell whose key is > t; returns t and the weight
-// above it, and leaves the cells of key t in `cells`.
-template <typename W, typename A, typename Above>
-std::pair<uint32_t, A> select_threshold(const uint32_t* keys, const W* weight, std::vector<int32_t>& cells,
-                                        std::vector<int32_t>& next, std::pair<uint32_t, uint32_t> range, A want,
-                                        Above above) {
-  A above_weight = 0;
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The keys ordered(row[c]) of one query head's LUT row over the cells [0, n), and the least and greatest of
+// them among the cells holding tokens (count > 0). Vectorized (ordered(): flip every bit of a negative
+// float, the sign bit of a positive one).
+inline std::pair<uint32_t, uint32_t> row_keys(const float* row, const int32_t* count, int64_t n, uint32_t* keys) {
+  constexpr uint32_t kMax = std::numeric_limits<uint32_t>::max();
+  uvec lo_v = uvec{} + kMax, hi_v = uvec{};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    const uvec bits = load<uvec>(row + c);
+    const uvec key = bits ^ (reinterpret_cast<uvec>(reinterpret_cast<ivec>(bits) >> 31) | 0x80000000u);
+    std::memcpy(keys + c, &key, sizeof(key));
+    const uvec held = reinterpret_cast<uvec>(load<ivec>(count + c) != 0);  // all ones where the cell holds tokens
+    lo_v = lo_v < (key | ~held) ? lo_v : (key | ~held);
+    hi_v = hi_v > (key & held) ? hi_v : (key & held);
+  }
+  uint32_t lo = kMax, hi = 0;
+  for (int l = 0; l < kLanes; ++l) lo = std::min(lo, lo_v[l]), hi = std::max(hi, hi_v[l]);
+  for (; c < n; ++c) {
+    keys[c] = ordered(row[c]);
+    if (count[c]) lo = std::min(lo, keys[c]), hi = std::max(hi, keys[c]);
+  }
+  return {lo, hi};
+}
+
+// The tokens of the cells [0, n) whose key is >= t. Vectorized.
+inline int64_t tokens_at_least(const uint32_t* keys, const int32_t* count, int64_t n, uint32_t t) {
+  ivec acc0 = ivec{}, acc1 = ivec{};  // sums of at most the request's length
+  int64_t c = 0;
+  for (; c + 2 * kLanes <= n; c += 2 * kLanes) {
+    acc0 += (load<uvec>(keys + c) >= t) & load<ivec>(count + c);
+    acc1 += (load<uvec>(keys + c + kLanes) >= t) & load<ivec>(count + c + kLanes);
+  }
+  acc0 += acc1;
+  int64_t total = 0;
+  for (int l = 0; l < kLanes; ++l) total += acc0[l];
+  for (; c < n; ++c) total += keys[c] >= t ? count[c] : 0;
+  return total;
+}
+
+// Keeps the cells [0, n) holding tokens with keys in [lo, hi], in order, at the front of (to_keys,
+// to_count) (which may be (keys, count) themselves); returns how many, and adds the tokens of keys above hi
+// to *above.
+inline int64_t keep_window(const uint32_t* keys, const int32_t* count, int64_t n, uint32_t lo, uint32_t hi,
+                           uint32_t* to_keys, int32_t* to_count, int64_t* above) {
+  int64_t kept = 0, c = 0, over = 0;
+#if defined(__AVX512F__)
+  const __m512i lo_v = _mm512_set1_epi32(static_cast<int>(lo)), hi_v = _mm512_set1_epi32(static_cast<int>(hi));
+  __m512i over_v = _mm512_setzero_si512();
+  for (; c + 16 <= n; c += 16) {
+    const __m512i k = _mm512_loadu_si512(keys + c), w = _mm512_loadu_si512(count + c);
+    over_v = _mm512_mask_add_epi32(over_v, _mm512_cmpgt_epu32_mask(k, hi_v), over_v, w);
+    const __mmask16 in = _mm512_cmpge_epu32_mask(k, lo_v) & _mm512_cmple_epu32_mask(k, hi_v) &
+                         _mm512_test_epi32_mask(w, w);
+    _mm512_storeu_si512(to_keys + kept, _mm512_maskz_compress_epi32(in, k));
+    _mm512_storeu_si512(to_count + kept, _mm512_maskz_compress_epi32(in, w));
+    kept += __builtin_popcount(in);
+  }
+  over = _mm512_reduce_add_epi32(over_v);
+#endif
+  for (; c < n; ++c) {
+    const uint32_t k = keys[c];
+    const int32_t w = count[c];
+    over += k > hi ? w : 0;
+    to_keys[kept] = k, to_count[kept] = w;  // in place: kept <= c
+    kept += k >= lo && k <= hi && w;
+  }
+  *above += over;
+  return kept;
+}
+
+// A query head's threshold over the cells [0, n) by their keys: the greatest t with at least `want` tokens
+// at keys >= t (1 <= want <= the cells' tokens; t is then the key of the want-th best token), and the tokens
+// above t (< want). Found bit by bit below the bits shared by `range` (the least and greatest key of a cell
+// holding tokens, between which t lies), one tokens_at_least pass per bit; every 4 bits the cells still in
+// the window t can lie in are copied to (win_keys, win_count) (n long each) and the search goes on over
+// them alone, the tokens above the window counted once. The tokens above t are those at >= the least
+// candidate that failed.
+inline std::pair<uint32_t, int64_t> count_threshold(const uint32_t* keys, const int32_t* count, int64_t n,
+                                                    std::pair<uint32_t, uint32_t> range, int64_t want,
+                                                    uint32_t* win_keys, int32_t* win_count) {
+  const auto [lo, hi] = range;
+  const int free_bits = lo == hi ? 0 : 32 - __builtin_clz(lo ^ hi);
+  uint32_t t = free_bits == 32 ? 0 : lo & ~((uint32_t{1} << free_bits) - 1);  // <= lo: every token is at >= t
+  int64_t above = 0, outside = 0;  // outside: the tokens above the window, left out of (keys, count)
+  for (int bit = free_bits - 1; bit >= 0; --bit) {
+    if (bit % 4 == 3 && bit < free_bits - 1 && n > 4 * kLanes) {  // t lies in [t, t | (2^(bit+1) - 1)]
+      n = keep_window(keys, count, n, t, t | ((uint32_t{2} << bit) - 1), win_keys, win_count, &outside);
+      keys = win_keys, count = win_count;
+    }
+    const uint32_t candidate = t | (uint32_t{1} << bit);
+    const int64_t at_least = candidate > hi ? 0 : outside + tokens_at_least(keys, count, n, candidate);
+    if (at_least >= want) t = candidate;
+    else above = at_least;
+  }
+  return {t, above};
+}
+
+// Marks the cells [0, n) one query head (bit g) takes: kWhole where its key is above the head's threshold t
+// (a vectorized pass; empty cells too, harmlessly), and for the cells holding tokens at t, kTie and bit g of
+// their tie mask, each such cell listed in `ties` once (found by 64-cell chunks: there are few).
+inline void mark_cells(const uint32_t* keys, const int32_t* count, int64_t n, uint32_t t, int g, uint8_t* flag,
+                       uint64_t* tie, std::vector<int32_t>& ties) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) flag[c] |= keys[c] > t ? kWhole : 0;
+  for (int64_t c0 = 0; c0 < n; c0 += 64) {
+    const int64_t c1 = std::min(n, c0 + 64);
+    int any = 0;
+    for (int64_t c = c0; c < c1; ++c) any |= keys[c] == t;
+    if (!any) continue;
+    for (int64_t c = c0; c < c1; ++c) {
+      if (keys[c] != t || !count[c]) continue;
+      if (!(flag[c] & kTie)) ties.push_back(static_cast<int32_t>(c));
+      flag[c] |= kTie;
+      tie[c] |= uint64_t{1} << g;
+    }
+  }
+}
+
+// The threshold of the cells in `cells` by their keys, largest first, weighted by weight[c] (a head's
+// estimated softmax mass): the key t with (weight of keys > t) < want <= (weight of keys >= t). A radix
+// select whose digits adapt to the keys' range: each level bins [min, max] of the remaining keys into
+// 2^kBinBits and keeps the bin where `want` is reached; `range`: the min and max key of `cells`. Returns t
+// and the weight above it, and leaves the cells of key t in `cells`.
+constexpr int kBinBits = 11;
+std::pair<uint32_t, double> mass_threshold(const uint32_t* keys, const double* weight, std::vector<int32_t>& cells,
+                                           std::vector<int32_t>& next, std::pair<uint32_t, uint32_t> range,
+                                           double want) {
+  double above_weight = 0;
   for (auto [lo, hi] = range;;) {
     if (lo >= hi) return {lo, above_weight};  // one key left: the threshold
     const int shift = std::max(0, 32 - __builtin_clz(hi - lo) - kBinBits);
-    A hist[1 << kBinBits] = {0};
+    double hist[1 << kBinBits] = {0};
     for (int32_t c : cells) hist[(keys[c] - lo) >> shift] += weight[c];
     uint32_t bin = (hi - lo) >> shift;
     for (; bin > 0; --bin) {
@@ -193,13 +359,9 @@ std::pair<uint32_t, A> select_threshold(const uint32_t* keys, const W* weight, s
     next.clear();
     uint32_t next_lo = std::numeric_limits<uint32_t>::max(), next_hi = 0;
     for (int32_t c : cells) {
-      const uint32_t at = (keys[c] - lo) >> shift;
-      if (at > bin) {
-        above(c);
-      } else if (at == bin) {
-        next.push_back(c);
-        next_lo = std::min(next_lo, keys[c]), next_hi = std::max(next_hi, keys[c]);
-      }
+      if ((keys[c] - lo) >> shift != bin) continue;
+      next.push_back(c);
+      next_lo = std::min(next_lo, keys[c]), next_hi = std::max(next_hi, keys[c]);
     }
     cells.swap(next);
     if (shift == 0) return {lo + bin, above_weight};
@@ -223,7 +385,7 @@ int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, con
   }
   cand = nonempty;
   const double target = top_p * total;
-  const auto [threshold, above_mass] = select_threshold(keys, mass.data(), cand, next, range, target, [](int32_t) {});
+  const auto [threshold, above_mass] = mass_threshold(keys, mass.data(), cand, next, range, target);
   int64_t above = 0, at = 0;
   for (int32_t c : nonempty) {
     if (keys[c] > threshold) above += count[c];
@@ -234,12 +396,59 @@ int64_t top_p_tokens(const float* row, const std::vector<int32_t>& nonempty, con
   return std::min(std::max(above + need, least), most);
 }
 
+// Step 3 of retrieve_hist_cpu: the slots sl[i] of the positions i < m whose cell (cell[i]) a query head
+// takes, in position order, into row[0:R); returns how many (> R: an overflow, nothing written past R). A
+// position is taken when some head takes its cell whole (kWhole), and a position of a cell at the
+// threshold of heads (kTie, heads in tie[c]) counts against each of those heads that still needs tokens
+// (need[g], decremented), taken if any did: ties go to the earlier position. With AVX-512, 16 positions
+// at a time: their flags by one gather, the taken slots by compress-stores; a block holding a tie cell,
+// and the tail, go one position at a time.
+int64_t compact_cells(const int32_t* cell, const int64_t* sl, int64_t m, const uint8_t* flag, const uint64_t* tie,
+                      int64_t* need, int64_t* row, int64_t R) {
+  auto take = [&](int64_t i) {
+    const int32_t c = cell[i];
+    const uint8_t f = flag[c];
+    bool taken = f & kWhole;
+    if (f & kTie) [[unlikely]] {
+      for (uint64_t t = tie[c]; t; t &= t - 1) {
+        const int g = __builtin_ctzll(t);
+        if (need[g] > 0) {
+          --need[g];
+          taken = true;
+        }
+      }
+    }
+    return taken;
+  };
+  int64_t written = 0, i = 0;
+#if defined(__AVX512F__)
+  const __m512i whole = _mm512_set1_epi32(kWhole), at_threshold = _mm512_set1_epi32(kTie);
+  for (; i + 16 <= m; i += 16) {
+    // 4 bytes at flag + cell each (the flags are padded): the low byte is the cell's
+    const __m512i f = _mm512_i32gather_epi32(_mm512_loadu_si512(cell + i), flag, 1);
+    if (_mm512_test_epi32_mask(f, at_threshold)) [[unlikely]] {
+      written += Selection::compact(sl + i, 16, row + written, R - written, [&](int64_t j) { return take(i + j); });
+      continue;
+    }
+    const __mmask16 taken = _mm512_test_epi32_mask(f, whole);
+    for (int half = 0; half < 2; ++half) {  // no branch on the mask: ~1 position in 10 is taken, unpredictably
+      const __mmask8 lanes = static_cast<__mmask8>(taken >> (8 * half));
+      const int count = __builtin_popcount(lanes);
+      const __mmask8 fits = written + count <= R ? static_cast<__mmask8>((1u << count) - 1) : 0;
+      _mm512_mask_storeu_epi64(row + written, fits, _mm512_maskz_compress_epi64(lanes, _mm512_loadu_si512(sl + i + 8 * half)));
+      written += count;
+    }
+  }
+#endif
+  return written + Selection::compact(sl + i, m - i, row + written, R - written, [&](int64_t j) { return take(i + j); });
+}
+
 }  // namespace
 
 void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens,
                        torch::Tensor k, torch::Tensor bounds, int64_t sinks, int64_t window, torch::Tensor out) {
   const Selection sel(lut, codes, slots, seq_lens, k, 0.0, 0, bounds, sinks, window, out);  // fixed budgets only
-  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, auto compact) {
+  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t want, const int64_t* sl, int64_t* row) {
     thread_local std::vector<int32_t> base;  // LUT column of each scorable position
     thread_local std::vector<int64_t> keys;
     thread_local std::vector<uint8_t> hit;
@@ -254,7 +463,7 @@ void retrieve_topk_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
       for (int64_t i = 0; i < want; ++i) hit[0xFFFFFFFFLL - (keys[i] & 0xFFFFFFFFLL) - lo] = 1;
     }
     const uint8_t* const taken = hit.data();
-    compact([taken](int64_t i) { return taken[i] != 0; });
+    return Selection::compact(sl, m, row, sel.R, [taken](int64_t i) { return taken[i] != 0; });
   });
 }
 
@@ -264,7 +473,7 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
   const Selection sel(lut, codes, slots, seq_lens, k, top_p, min_tokens, bounds, sinks, window, out);
   TORCH_CHECK(sel.G <= 64, "at most 64 query heads per KV head");
   const int64_t NC = sel.NB * sel.C;
-  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t top, auto compact) {
+  sel.run([&](int64_t b, int64_t h, int64_t n, int64_t lo, int64_t m, int64_t top, const int64_t* sl, int64_t* row) {
     // per-cell state, zero between uses (only the cells a request touches are cleared). Fetched once per
     // task: a thread_local named in the loops costs a TLS lookup per use in a shared library.
     thread_local HistScratch scratch;
@@ -275,45 +484,31 @@ void retrieve_hist_cpu(torch::Tensor lut, torch::Tensor codes, torch::Tensor slo
     uint8_t* const flag = s.flag.data();
     uint64_t* const tie = s.tie.data();
     uint32_t* const keys = s.keys.data();
-    // 1. each scorable token's cell, the tokens per cell, the cells that hold any (a scan of the NC cells:
-    // the lookup table already costs O(NC x D) per query head)
-    sel.cells(b, h, n, lo, lo + m, [&](int64_t i, int32_t c) { cell[i] = c, ++count[c]; });
-    s.nonempty.clear();
-    for (int32_t c = 0; c < NC; ++c)
-      if (count[c]) s.nonempty.push_back(c);
+    // 1. each scorable token's cell and the tokens per cell, in the cells [0, used) its buckets reach
+    const int64_t used = sel.count_cells(b, h, n, lo, lo + m, cell, count);
+    if (sel.top_p > 0.0) {
+      s.nonempty.clear();
+      for (int32_t c = 0; c < used; ++c)
+        if (count[c]) s.nonempty.push_back(c);
+    }
     // 2. each query head's threshold over the cells: whole cells above it, a tie group at it
     int64_t need[64];
+    s.ties.clear();
     for (int64_t g = 0; g < sel.G; ++g) {
       const float* row = sel.lut + (b * sel.Hq + h * sel.G + g) * NC;
-      std::pair<uint32_t, uint32_t> range{std::numeric_limits<uint32_t>::max(), 0};
-      for (int32_t c : s.nonempty) {
-        const uint32_t key = ordered(row[c]);
-        keys[c] = key;
-        range = {std::min(range.first, key), std::max(range.second, key)};
-      }
+      const auto range = row_keys(row, count, used, keys);
       const int64_t want = sel.top_p > 0.0 ? top_p_tokens(row, s.nonempty, count, keys, range, s.mass, s.cand, s.next,
                                                           sel.top_p, std::min(sel.min_tokens, top), top)
                                             : top;
-      s.cand = s.nonempty;
-      need[g] = want - select_threshold(keys, count, s.cand, s.next, range, want, [&](int32_t c) { flag[c] |= kWhole; }).second;
-      for (int32_t c : s.cand) tie[c] |= uint64_t{1} << g, flag[c] |= kTie;  // the cells at the threshold
+      const auto [threshold, above] = count_threshold(keys, count, used, range, want, s.win_keys.data(), s.win_count.data());
+      need[g] = want - above;
+      mark_cells(keys, count, used, threshold, static_cast<int>(g), flag, tie, s.ties);
     }
     // 3. one pass in position order: the union, ties to the earlier position
-    compact([cell, flag, tie, &need](int64_t i) {
-      const int32_t c = cell[i];
-      const uint8_t f = flag[c];
-      bool take = f & kWhole;
-      if (f & kTie) [[unlikely]] {
-        for (uint64_t t = tie[c]; t; t &= t - 1) {
-          const int g = __builtin_ctzll(t);
-          if (need[g] > 0) {
-            --need[g];
-            take = true;
-          }
-        }
-      }
-      return take;
-    });
-    for (int32_t c : s.nonempty) count[c] = 0, flag[c] = 0, tie[c] = 0;
+    const int64_t written = compact_cells(cell, sl, m, flag, tie, need, row, sel.R);
+    std::fill(count, count + used, 0);
+    std::fill(flag, flag + used, 0);
+    for (int32_t c : s.ties) tie[c] = 0;
+    return written;
   });
 }

@@ -268,3 +268,36 @@ def test_cpp_retrieval_on_the_thread_pool_matches_torch():
     kernels.retrieve(torch.randn(4, hq, d), rotation, torch.randn(hkv, c, d), d ** -0.5, codes_buf, slots, plan, bounds,
                      out, buffers)
     assert torch.equal(out, reference_selection(buffers.lut, codes_buf, slots, plan, bounds, hkv, width))
+
+
+@needs_cpp
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("hq,hkv,c,twins", [(9, 3, 512, False), (8, 1, 512, True), (16, 2, 256, True)])
+def test_cpp_selection_at_serving_shapes_matches_torch(hq, hkv, c, twins, budget):
+    """At serving shapes (hundreds of codes, 8 WRoPE buckets, thousands of tokens: cells far
+    outnumbering the lanes, so every vectorized stage of the C++ selection runs, the threshold
+    search narrowing to a window of cells, 16-position blocks with and without cells at a
+    head's threshold), the C++ slots are exactly the torch reference's from the same lookup
+    table; ``twins``: pairs of equal centroids, so cells of different codes tie exactly."""
+    from a2ats_sglang.core.rope import RopeSpec
+
+    d, nb = 32, 8
+    seq_lens = torch.tensor([6000, 2500, 4321])
+    length = int(seq_lens.max())
+    slots = torch.randperm(3 * length).view(3, length)
+    codes_buf = torch.randint(0, c, (3 * length, hkv), dtype=torch.int16)
+    centroids = torch.randn(hkv, c, d)
+    if twins:
+        centroids[:, c // 2:] = centroids[:, : c // 2]
+    dist = retrieval.wrope_distances(nb, lo=16, hi=4096)
+    rope = RopeSpec(1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), d)
+    rotation = retrieval.WRoPERotation.build(rope, seq_lens - 1, torch.tensor(dist, dtype=torch.float32))
+    plan = retrieval.SelectionPlan.build(seq_lens, retrieval.Budget(*BUDGETS[budget]), 8, 64)
+    width = (hq // hkv) * plan.kmax
+    kernels = KernelChoice(Impl.CPP, "test")
+    buffers = kernels.buffers(3, hq, hkv, d, d, width, "cpu", (nb, c))
+    out = torch.full((3, hkv, width), 7, dtype=torch.int64)
+    bounds = retrieval.distance_bounds(dist)
+    kernels.retrieve(torch.randn(3, hq, d), rotation, centroids, d ** -0.5, codes_buf, slots, plan, bounds, out, buffers)
+    assert torch.equal(out, reference_selection(buffers.lut, codes_buf, slots, plan, bounds, hkv, width))
+    assert ((out >= 0).sum(-1) >= plan.min_tokens).all()
