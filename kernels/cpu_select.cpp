@@ -112,7 +112,10 @@ struct Selection {
   }
 
   // cells() into cell[j - lo], counting the tokens per cell into count (the arrays do not alias: four
-  // positions' codes are read before their cells are stored and counted).
+  // positions' codes are read before their cells are stored and counted). With AVX-512, a block of 16 (or,
+  // for wider code rows, 8) positions whose slots are consecutive, as SGLang allocates a prefill, has its
+  // codes in at most 64 int16 from the first one's: two masked loads and one permute; the run's cells are
+  // counted after they are all stored (loads right behind a vector store would wait for it).
   int64_t count_cells(int64_t b, int64_t h, int64_t n, int64_t lo, int64_t hi, int32_t* cell_out,
                       int32_t* count_out) const {
     const int64_t* __restrict sl = slots + b * L;
@@ -120,8 +123,36 @@ struct Selection {
     int32_t* __restrict cell = cell_out - lo;  // indexed by position
     int32_t* __restrict count = count_out;
     const int64_t row = code_row;
+#if defined(__AVX512BW__)
+    const int64_t lanes = 15 * row < 64 ? 16 : 7 * row < 64 ? 8 : 0;  // 0: no block's codes fit
+    alignas(64) int16_t at[32] = {0};
+    for (int64_t l = 0; l < lanes; ++l) at[l] = static_cast<int16_t>(l * row);
+    const __m512i pick = _mm512_load_si512(at);
+    const int64_t span = lanes ? (lanes - 1) * row + 1 : 0;  // the codes a block reads, none further
+    const __mmask32 first_half = span >= 32 ? ~__mmask32{0} : (__mmask32{1} << span) - 1;
+    const __mmask32 second_half = span > 32 ? (__mmask32{1} << (span - 32)) - 1 : 0;
+    const __mmask16 stored = lanes == 16 ? 0xFFFF : 0xFF;
+    const __m512i step = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), eight = _mm512_set1_epi64(8);
+#endif
     return bucket_runs(n, lo, hi, [&](int64_t first, int64_t last, int32_t base) {
       int64_t j = first;
+#if defined(__AVX512BW__)
+      for (; lanes && j + lanes <= last; j += lanes) {
+        const __m512i run = _mm512_add_epi64(_mm512_set1_epi64(sl[j]), step);
+        __mmask8 apart = _mm512_cmpneq_epi64_mask(_mm512_loadu_si512(sl + j), run);
+        if (lanes == 16) apart |= _mm512_cmpneq_epi64_mask(_mm512_loadu_si512(sl + j + 8), _mm512_add_epi64(run, eight));
+        if (apart) {
+          for (int64_t x = j; x < j + lanes; ++x) cell[x] = base + col[sl[x] * row];
+          continue;
+        }
+        const int16_t* p = col + sl[j] * row;
+        const __m512i block = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(first_half, p), pick,
+                                                        _mm512_maskz_loadu_epi16(second_half, p + 32));
+        _mm512_mask_storeu_epi32(cell + j, stored, _mm512_add_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(block)),
+                                                                    _mm512_set1_epi32(base)));
+      }
+      for (int64_t x = first; x < j; ++x) ++count[cell[x]];
+#endif
       for (; j + 4 <= last; j += 4) {
         const int32_t c0 = base + col[sl[j] * row], c1 = base + col[sl[j + 1] * row];
         const int32_t c2 = base + col[sl[j + 2] * row], c3 = base + col[sl[j + 3] * row];

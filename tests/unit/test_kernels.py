@@ -271,20 +271,32 @@ def test_cpp_retrieval_on_the_thread_pool_matches_torch():
 
 
 @needs_cpp
+@pytest.mark.parametrize("slots_laid", ["scattered", "runs"])
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("hq,hkv,c,twins", [(9, 3, 512, False), (8, 1, 512, True), (16, 2, 256, True)])
-def test_cpp_selection_at_serving_shapes_matches_torch(hq, hkv, c, twins, budget):
+@pytest.mark.parametrize("hq,hkv,c,twins", [(9, 3, 512, False), (8, 1, 512, True), (16, 2, 256, True),
+                                            (40, 8, 128, False)])
+def test_cpp_selection_at_serving_shapes_matches_torch(hq, hkv, c, twins, budget, slots_laid):
     """At serving shapes (hundreds of codes, 8 WRoPE buckets, thousands of tokens: cells far
     outnumbering the lanes, so every vectorized stage of the C++ selection runs, the threshold
     search narrowing to a window of cells, 16-position blocks with and without cells at a
     head's threshold), the C++ slots are exactly the torch reference's from the same lookup
-    table; ``twins``: pairs of equal centroids, so cells of different codes tie exactly."""
+    table; ``twins``: pairs of equal centroids, so cells of different codes tie exactly;
+    ``runs``: each request's slots consecutive runs of the pool (as SGLang allocates a prefill,
+    the codes read in blocks) broken every few hundred positions, the last run ending at the
+    pool's last slot (a block may not read past the codes)."""
     from a2ats_sglang.core.rope import RopeSpec
 
     d, nb = 32, 8
     seq_lens = torch.tensor([6000, 2500, 4321])
     length = int(seq_lens.max())
-    slots = torch.randperm(3 * length).view(3, length)
+    if slots_laid == "runs":  # runs of 1 to 600 consecutive slots, in shuffled order
+        edges = torch.cat([torch.tensor([0]), torch.randint(1, 600, (3 * length,)).cumsum(0)])
+        edges = edges[edges < 3 * length].tolist() + [3 * length]
+        runs = [torch.arange(a, b) for a, b in zip(edges[:-1], edges[1:])]
+        order = torch.randperm(len(runs) - 1).tolist() + [len(runs) - 1]
+        slots = torch.cat([runs[i] for i in order]).view(3, length)
+    else:
+        slots = torch.randperm(3 * length).view(3, length)
     codes_buf = torch.randint(0, c, (3 * length, hkv), dtype=torch.int16)
     centroids = torch.randn(hkv, c, d)
     if twins:
