@@ -6,7 +6,12 @@ attention kernel (three calls and a dozen torch ops). New: one native call
 (``decode_layer``: rotation, LUT, histogram selection, attention); its retrieval alone
 (``retrieve_layer``) is timed too, against the old retrieval (torch LUT + top-K kernel).
 
-    python benchmarks/retrieval_cost.py [--model-path DIR] [--rounds 5] [--out DIR]
+    python benchmarks/retrieval_cost.py [--model-path DIR] [--rounds 5] [--out DIR] [--fused-from LABEL=DIR]
+
+``--fused-from LABEL=DIR``: another revision's ``kernels/`` directory (e.g. from ``git worktree add
+/tmp/prev REV``), built as its own extension; its fused retrieval (same entry point) joins the
+alternation as a column, so a change to the kernels is measured against the revision before it
+in the same run.
 
 Shapes: the default model's attention (from its config.json) and a Llama-3.1-8B layer
 (32 query / 8 KV heads, head dim 128, 4096 codes); 8 WRoPE distances; the backend's
@@ -17,7 +22,9 @@ range over rounds. Floors, at the machine's measured copy bandwidth: retrieval m
 per KV head each token's 2-byte code and 8-byte slot id, per query head its LUT row;
 attention the K and V rows it attends (bf16). The lookup table is also compute (query
 heads x distances x codes x head dim multiply-adds): its floor at the rate of a large
-float32 GEMM measured in the same run; each figure is set against the larger floor.
+float32 GEMM. Both references are measured in every round, between the paths (the VM's speed
+drifts within minutes), each round's figures are set against that round's larger floor, and
+the table gives the median of the per-round ratios and the references' median.
 """
 
 from __future__ import annotations
@@ -66,7 +73,17 @@ def gemm_gflops(n: int = 2048) -> float:
     return 2 * n ** 3 / best_time(lambda: torch.mm(a, b)) / 1e9
 
 
-def measure(shape: LayerShape, batch: int, length: int, rounds: int, copy_gb_s: float, gflops: float) -> dict:
+def kernels_from(label: str, directory: Path):
+    """Another revision's CPU kernels (the sources cpu.SOURCES names, in ``directory``), built as
+    their own extension."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=f"a2ats_cpu_kernels_{label}", sources=[str(directory / f) for f in cpu.SOURCES],
+                extra_include_paths=[str(directory)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def measure(shape: LayerShape, batch: int, length: int, rounds: int, previous=None) -> dict:
     cfg = A2ATSConfig()
     hq, hkv, d, c = shape.q_heads, shape.kv_heads, shape.head_dim, shape.codes
     n = batch * length
@@ -111,6 +128,12 @@ def measure(shape: LayerShape, batch: int, length: int, rounds: int, copy_gb_s: 
         cpu.retrieve_layer_cpu(q, rotation, centroids, scale, codes, slots, plan, bounds, new_buf.q32, new_buf.q_rot,
                                new_buf.lut, new_sel[..., f:])
 
+    prev_sel = selection_buffer()
+
+    def prev_retrieve():  # the other revision's fused retrieval
+        previous.retrieve_layer(*cpu._layer_args(q, rotation, centroids, scale, codes, slots, plan, bounds,
+                                                 new_buf.q32, new_buf.q_rot, new_buf.lut), prev_sel[..., f:])
+
     attended_count = torch.zeros(2, dtype=torch.int64)  # the decode layer adds its attended slots here
 
     def new_layer():
@@ -121,22 +144,36 @@ def measure(shape: LayerShape, batch: int, length: int, rounds: int, copy_gb_s: 
     torch.testing.assert_close(new_buf.lut, old_buf.lut, rtol=1e-4, atol=1e-4)
     agree = float((new_sel == old_sel).float().mean())  # LUT rounding may flip a near-tie
     assert agree > 0.99, f"the two paths select different slots ({agree:.3f} agree)"
-    times = {name: [] for name in ("old_retrieve", "new_retrieve", "old_layer", "new_layer")}
-    for _ in range(rounds):  # alternate: drift on the VM hits both
-        for name, fn in (("old_retrieve", old_retrieve), ("new_retrieve", new_retrieve), ("old_layer", old_layer),
-                         ("new_layer", new_layer)):
-            times[name].append(best_time(fn, 3))
+    paths = [("old_retrieve", old_retrieve), ("new_retrieve", new_retrieve), ("old_layer", old_layer),
+             ("new_layer", new_layer)]
+    if previous is not None:
+        new_retrieve(), prev_retrieve()
+        assert torch.equal(prev_sel, new_sel), "the other revision's fused retrieval selects different slots"
+        paths.insert(1, ("prev_retrieve", prev_retrieve))
     attended = int((new_sel >= 0).sum())
     retrieve_bytes = batch * hkv * (length * (2 + 8)) + batch * hq * len(dist) * c * 4
     attend_bytes = attended * 2 * d * k_buf.element_size()
-    lut_ms = 1e3 * 2 * batch * hq * len(dist) * c * d / (gflops * 1e9)
+    lut_flop = 2 * batch * hq * len(dist) * c * d
+    times = {name: [] for name, _ in paths}
+    refs = {"copy_gb_s": [], "gemm_gflops": [], "retrieve_floor_ms": [], "layer_floor_ms": [], "lut_ms": []}
+    for _ in range(rounds):  # alternate: drift on the VM hits every path and the references alike
+        for name, fn in paths:
+            times[name].append(best_time(fn, 3))
+        copy_gb_s, gflops = copy_bandwidth(), gemm_gflops()
+        lut_ms = 1e3 * lut_flop / (gflops * 1e9)
+        for key, value in (("copy_gb_s", copy_gb_s), ("gemm_gflops", gflops), ("lut_ms", lut_ms),
+                           ("retrieve_floor_ms", max(lut_ms, 1e3 * retrieve_bytes / (copy_gb_s * 1e9))),
+                           ("layer_floor_ms", max(lut_ms, 1e3 * (retrieve_bytes + attend_bytes) / (copy_gb_s * 1e9)))):
+            refs[key].append(value)
     row = {"shape": shape.name, "heads": f"{hq}/{hkv}", "head_dim": d, "codes": c, "batch": batch, "length": length,
-           "attended_per_kv_head": attended / (batch * hkv), "lut_compute_floor_ms": lut_ms,
-           "retrieve_floor_ms": max(lut_ms, 1e3 * retrieve_bytes / (copy_gb_s * 1e9)),
-           "layer_floor_ms": max(lut_ms, 1e3 * (retrieve_bytes + attend_bytes) / (copy_gb_s * 1e9))}
+           "attended_per_kv_head": attended / (batch * hkv)}
+    for key, values in refs.items():
+        row[key] = statistics.median(values)
     for name, t in times.items():
         row[f"{name}_ms"] = 1e3 * statistics.median(t)
         row[f"{name}_range"] = [1e3 * min(t), 1e3 * max(t)]
+    for name, floor in (("new_retrieve", "retrieve_floor_ms"), ("new_layer", "layer_floor_ms")):
+        row[f"{name}_over_floor"] = statistics.median(1e3 * t / f for t, f in zip(times[name], refs[floor]))
     return row
 
 
@@ -151,34 +188,44 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cases", default="4x16384,4x65536,1x131072", help="BATCHxLENGTH,...")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--fused-from", metavar="LABEL=DIR", help="another revision's kernels/ directory")
     args = ap.parse_args(argv)
+    previous, label = None, None
+    if args.fused_from:
+        label, directory = args.fused_from.split("=", 1)
+        previous = kernels_from(label, Path(directory))
     torch.manual_seed(0)
-    copy, gflops = copy_bandwidth(), gemm_gflops()
     shapes = [default_model_shape(args.model_path), LayerShape("Llama-3.1-8B layer", 32, 8, 128, 4096)]
     rows = []
     for shape in shapes:
         for case in args.cases.split(","):
             b, length = (int(x) for x in case.split("x"))
-            rows.append(measure(shape, b, length, args.rounds, copy, gflops))
+            rows.append(measure(shape, b, length, args.rounds, previous))
             r = rows[-1]
             print(f"{r['shape']} {b}x{length}: retrieval {r['old_retrieve_ms']:.2f} -> {r['new_retrieve_ms']:.2f} ms, "
                   f"layer {r['old_layer_ms']:.2f} -> {r['new_layer_ms']:.2f} ms", flush=True)
-    lines = [f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, copy bandwidth {copy:.1f} GB/s, "
-             f"float32 GEMM {gflops:.0f} GFLOP/s; "
+    copy, gflops = (statistics.median(r[key] for r in rows) for key in ("copy_gb_s", "gemm_gflops"))
+    lines = [f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, copy bandwidth {copy:.1f} GB/s "
+             f"({min(r['copy_gb_s'] for r in rows):.1f}–{max(r['copy_gb_s'] for r in rows):.1f} over the cases), "
+             f"float32 GEMM {gflops:.0f} GFLOP/s (medians of the rounds); "
              f"{date.today()}; one decode layer; {args.rounds} alternating rounds, median (range) of the best of 3 "
              f"calls per round.", "",
-             "| shape | heads | codes | batch × context | retrieval old ms | retrieval fused ms | old / fused | "
+             "| shape | heads | codes | batch × context | retrieval old ms | "
+             + (f"retrieval fused@{label} ms | fused@{label} / fused | " if label else "") +
+             "retrieval fused ms | old / fused | "
              "floor ms (of it LUT compute) | fused / floor | layer old ms | layer fused ms | old / fused | "
              "fused / floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|" + ("---|---|" if label else "") + "---|---|---|---|---|---|---|---|"]
     for r in rows:
+        prev = (f"{cell(r, 'prev_retrieve')} | **{r['prev_retrieve_ms'] / r['new_retrieve_ms']:.2f}x** | "
+                if label else "")
         lines.append(f"| {r['shape']} | {r['heads']} | {r['codes']} | {r['batch']} × {r['length']} | "
-                     f"{cell(r, 'old_retrieve')} | {cell(r, 'new_retrieve')} | "
+                     f"{cell(r, 'old_retrieve')} | {prev}{cell(r, 'new_retrieve')} | "
                      f"**{r['old_retrieve_ms'] / r['new_retrieve_ms']:.2f}x** | "
-                     f"{r['retrieve_floor_ms']:.3f} ({r['lut_compute_floor_ms']:.3f}) | "
-                     f"{r['new_retrieve_ms'] / r['retrieve_floor_ms']:.1f}x | {cell(r, 'old_layer')} | "
+                     f"{r['retrieve_floor_ms']:.3f} ({r['lut_ms']:.3f}) | "
+                     f"{r['new_retrieve_over_floor']:.1f}x | {cell(r, 'old_layer')} | "
                      f"{cell(r, 'new_layer')} | **{r['old_layer_ms'] / r['new_layer_ms']:.2f}x** | "
-                     f"{r['new_layer_ms'] / r['layer_floor_ms']:.1f}x |")
+                     f"{r['new_layer_over_floor']:.1f}x |")
     write_results(args.out, "retrieval_cost", "\n".join(lines), {"copy_gb_s": copy, "gemm_gflops": gflops, "rows": rows})
 
 
