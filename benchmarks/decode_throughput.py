@@ -66,6 +66,9 @@ def decode_timing(url, prompts, max_new_tokens):
 
 
 GRAPH_ARGS = ("--enable-torch-compile", "--cuda-graph-bs-decode")  # + the batch sizes measured
+# Backends SGLang serves eagerly whatever the flags ("Cuda graph is disabled because of using torch native attention
+# backend"): served once, eagerly, and every configuration is compared with that.
+GRAPHLESS = {"torch_native"}
 CAPTURE = re.compile(r"Capture target decode CPU graph end\. bs=\[([\d, ]+)\], elapsed=([\d.]+) s, mem usage=([\d.-]+) GB")
 
 
@@ -151,11 +154,11 @@ def main(argv=None):
     base_ids = tok(long_text(max(args.lengths) * 6), add_special_tokens=False)["input_ids"]
     t0 = time.time()
     suffixes = {"off": [""], "on": ["+graphs"], "both": ["", "+graphs"]}[args.graphs]
-    backends = [n + sfx for n in [*args.dense, "a2ats"] for sfx in suffixes]
+    backends = [n + sfx for n in [*args.dense, "a2ats"] for sfx in ([""] if n in GRAPHLESS else suffixes)]
     graph_extra = [GRAPH_ARGS[0], GRAPH_ARGS[1], *map(str, sorted(set(args.batches)))]
     # (numerator, denominator): the throughput of the first over the second, per round
-    pairs = [(f"a2ats{sfx}", d + sfx) for sfx in suffixes for d in args.dense]
-    pairs += [(n + "+graphs", n) for n in [*args.dense, "a2ats"]] if args.graphs == "both" else []
+    pairs = [(f"a2ats{sfx}", d + ("" if d in GRAPHLESS else sfx)) for sfx in suffixes for d in args.dense]
+    pairs += [(n + "+graphs", n) for n in [*args.dense, "a2ats"] if n not in GRAPHLESS] if args.graphs == "both" else []
     other = {}  # a2ats@LABEL -> its server environment
     if args.a2ats_from:
         label, site = args.a2ats_from.split("=", 1)
