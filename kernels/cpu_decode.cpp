@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace {
@@ -68,8 +67,8 @@ void used_buckets(const torch::Tensor& seq_lens, const torch::Tensor& k, double 
 }
 
 // lut f32 [B, Hq, NB, C] = q_rot . centroids [Hkv, C, D]: per (request, KV head), the rows of its query
-// heads at the distances the request's retrieval reads (used[b] leading buckets; the other rows are set to
-// -inf: no scorable position falls in them) against the KV head's centroids, by blocked dot products
+// heads at the distances the request's retrieval reads (used[b] leading buckets; the other rows, which no
+// scorable position falls in, are neither computed nor written) against the KV head's centroids, by blocked dot products
 // (row_dots), written in place; threads only when the table is large (a library GEMM call per request cost
 // more than it computes at decode sizes, and woke its thread team for each).
 void lookup_table(const torch::Tensor& q_rot, const torch::Tensor& centroids, const int64_t* used,
@@ -84,14 +83,12 @@ void lookup_table(const torch::Tensor& q_rot, const torch::Tensor& centroids, co
   const float* q = q_rot.data_ptr<float>();
   const float* w = centroids.data_ptr<float>();
   float* out = lut.data_ptr<float>();
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, B * Hkv, a2ats::grain(G * NB * C * D), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t n_used = used[bh / Hkv];
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < G && n_used > 0; ++g) {
         const int64_t row0 = (bh * G + g) * NB;  // this query head's first row
-        if (n_used > 0) a2ats::row_dots(q + row0 * D, w + (bh % Hkv) * C * D, n_used, C, D, out + row0 * C, C);
-        std::fill(out + (row0 + n_used) * C, out + (row0 + NB) * C, neg_inf);
+        a2ats::row_dots(q + row0 * D, w + (bh % Hkv) * C * D, n_used, C, D, out + row0 * C, C);
       }
     }
   });
@@ -102,8 +99,9 @@ void lookup_table(const torch::Tensor& q_rot, const torch::Tensor& centroids, co
 // One layer's retrieved slots into out i64 [B, Hkv, R] (see retrieve_hist_cpu), from the post-RoPE decode
 // queries q [B, Hq, D], the batch's WRoPE rotation cos/sin f32 [B, NB, RD/2], the layer's centroids f32
 // [Hkv, C, D] and the softmax scale; q32 f32 [B, Hq, D], q_rot f32 [B, Hq, NB, D] and lut f32 [B, Hq, NB, C]
-// are the batch's workspaces (lut holds the layer's lookup table afterwards, -inf in the rows of buckets no
-// scorable position of the request falls in, and in every row of a request its budget covers).
+// are the batch's workspaces (lut holds the layer's lookup table afterwards in the rows the selection reads:
+// the rows of buckets no scorable position of a request falls in, and every row of a request its budget
+// covers, are left as they were).
 void retrieve_layer_cpu(torch::Tensor q, torch::Tensor cos, torch::Tensor sin, bool neox, torch::Tensor centroids,
                         double scale, torch::Tensor codes, torch::Tensor slots, torch::Tensor seq_lens, torch::Tensor k,
                         double top_p, int64_t min_tokens, torch::Tensor bounds, int64_t sinks, int64_t window,

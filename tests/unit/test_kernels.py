@@ -158,7 +158,6 @@ def test_retrieve_kernels_match_torch(impl, hq, hkv, nb, twins, budget, dense_be
     read = torch.ones_like(lut, dtype=torch.bool)
     if impl is Impl.CPP:  # the C++ table skips the buckets beyond a request's farthest scorable position, and a covered request's
         read = read_buckets(seq_lens, plan, retriever.bounds, nb).view(4, 1, nb, 1).expand_as(lut)
-        assert torch.equal(torch.isneginf(lut), ~read)
     torch.testing.assert_close(lut[read], want_lut[read], rtol=1e-4, atol=1e-4)
     assert torch.equal(got, reference_selection(lut, codes_buf, slots, plan, retriever.bounds, hkv, width))
     if torch.equal(lut[read], want_lut[read]):
