@@ -73,16 +73,6 @@ def gemm_gflops(n: int = 2048) -> float:
     return 2 * n ** 3 / best_time(lambda: torch.mm(a, b)) / 1e9
 
 
-def kernels_from(label: str, directory: Path):
-    """Another revision's CPU kernels (the sources cpu.SOURCES names, in ``directory``), built as
-    their own extension."""
-    from torch.utils.cpp_extension import load
-
-    return load(name=f"a2ats_cpu_kernels_{label}", sources=[str(directory / f) for f in cpu.SOURCES],
-                extra_include_paths=[str(directory)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
-
-
 def measure(shape: LayerShape, batch: int, length: int, rounds: int, previous=None) -> dict:
     cfg = A2ATSConfig()
     hq, hkv, d, c = shape.q_heads, shape.kv_heads, shape.head_dim, shape.codes
@@ -193,7 +183,7 @@ def main(argv=None):
     previous, label = None, None
     if args.fused_from:
         label, directory = args.fused_from.split("=", 1)
-        previous = kernels_from(label, Path(directory))
+        previous = cpu.load_sources(Path(directory), f"a2ats_cpu_kernels_{label}")  # built as its own extension
     torch.manual_seed(0)
     shapes = [default_model_shape(args.model_path), LayerShape("Llama-3.1-8B layer", 32, 8, 128, 4096)]
     rows = []

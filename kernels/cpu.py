@@ -23,16 +23,20 @@ from torch import Tensor
 SOURCES = ("cpu_bindings.cpp", "cpu_sparse_attention.cpp", "cpu_select.cpp", "cpu_decode.cpp", "cpu_encode.cpp")
 
 
+def load_sources(directory: Path, name: str = "a2ats_cpu_kernels"):
+    """The extension built (or taken from torch's cache) from the SOURCES in ``directory``, as
+    ``name``: this package's kernels, or (the benchmarks) another revision's kernels directory."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=name, sources=[str(directory / f) for f in SOURCES], extra_include_paths=[str(directory)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+
+
 @lru_cache(maxsize=1)
 def _build():
     """-> (extension module, None) or (None, the reason it cannot be built)."""
     try:
-        from torch.utils.cpp_extension import load
-
-        here = Path(__file__).parent
-        ext = load(name="a2ats_cpu_kernels", sources=[str(here / f) for f in SOURCES], extra_include_paths=[str(here)],
-                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-        return ext, None
+        return load_sources(Path(__file__).parent), None
     except Exception as e:  # no compiler / headers
         return None, f"{type(e).__name__}: {e}"
 
