@@ -90,6 +90,26 @@ class _Stop(Exception):
     pass
 
 
+CAPTURE = "a2ats_capture_queries"  # the attention implementation that records each layer's queries
+_captured: list[tuple[torch.Tensor, float]] = []
+
+
+def _register_capture() -> list[tuple[torch.Tensor, float]]:
+    """Register (once per process) attention ``CAPTURE`` with transformers: SDPA, after
+    appending (query float [Hq, Tq, D] post-RoPE, scale) to the list returned."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        _captured.append((query[0].detach().float(), float(kwargs.get("scaling") or module.scaling)))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(CAPTURE, capture)
+    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+    return _captured
+
+
 class FusionEngine:
     """Chunk-KV fusion on a Hugging Face decoder-only model (any attention implementation;
     the question's attention probabilities are read with eager attention, switched on for
@@ -180,9 +200,13 @@ class FusionEngine:
     def prefill(self, prompt: FusedPrompt, method, ratio: float) -> Prefilled:
         """Fused prefill of ``prompt``: fused KV, ``method`` picks ``ratio`` of the chunk
         tokens, those and the question recomputed."""
-        ctx = _Context(self, prompt)
-        chosen = method.choose(ctx, ratio)
-        return self.recompute(prompt, ctx.fused, chosen, ctx.token_layers)
+        ctx = self.measurements(prompt)
+        return self.recompute(prompt, ctx.fused, method.choose(ctx, ratio), ctx.token_layers)
+
+    def measurements(self, prompt: FusedPrompt) -> "Measurements":
+        """What the selection methods measure on ``prompt`` (its fused KV, built here; the rest
+        on first use)."""
+        return Measurements(self, prompt)
 
     def recompute(self, prompt: FusedPrompt, fused, chosen: torch.Tensor, token_layers: int = 0) -> Prefilled:
         """Run the chunk tokens at positions ``chosen`` (int64, ascending) and the question
@@ -216,8 +240,10 @@ class FusionEngine:
         return tokens
 
 
-class _Context:
-    """One fused prompt's measurements, each computed on first use (:class:`~a2ats_sglang.fusion.selection.FusionContext`)."""
+class Measurements:
+    """One fused prompt's measurements, each computed when asked for
+    (:class:`~a2ats_sglang.fusion.selection.FusionContext`); ``token_layers`` counts the
+    model computation they ran."""
 
     def __init__(self, engine: FusionEngine, prompt: FusedPrompt):
         self.engine, self.prompt = engine, prompt
@@ -235,6 +261,29 @@ class _Context:
             e.model.set_attn_implementation(impl)
         self.token_layers += len(p.question) * e.num_layers
         return list(out.attentions)
+
+    def question_queries(self) -> tuple[list[torch.Tensor], torch.Tensor, float]:
+        """The question run over the fused KV with the model's own attention, each layer's
+        post-RoPE queries (and the softmax scale) read on the way by an attention function
+        registered with transformers that records them and calls SDPA."""
+        e, p = self.engine, self.prompt
+        impl = e.model.config._attn_implementation
+        captured = _register_capture()
+        e.model.set_attn_implementation(CAPTURE)
+        try:
+            e.run(p.question, range(p.chunk_end, len(p.ids)), self.fused)
+            queries = [q for q, _ in captured]
+            scales = {s for _, s in captured}
+        finally:
+            e.model.set_attn_implementation(impl)
+            captured.clear()
+        if len(scales) != 1:
+            raise ValueError(f"the model's layers use different attention scales {sorted(scales)}")
+        self.token_layers += len(p.question) * e.num_layers
+        return queries, torch.arange(p.chunk_end, len(p.ids)), scales.pop()
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.fused[layer][0][0]
 
     def fused_kv(self, layer: int):
         k, v = self.fused[layer]

@@ -5,6 +5,10 @@ score are recomputed (ties to the earlier position).
 - :class:`A3`: attention the question pays each chunk token over the fused KV, summed over
   query heads, question tokens and layers (A³, arXiv 2511.17560: recompute what the
   question needs).
+- :class:`A3Lut`: the same sum with each chunk token's attention logit read from the a2ats
+  lookup table (the question's WRoPE queries . centroids, at the token's code and distance
+  bucket) instead of computed from its key: what a server holding the chunks' codes can
+  score without reading the chunks' keys.
 - :class:`CacheBlend`: how far each token's fused K/V are from its K/V recomputed in the
   full prompt at an early layer (CacheBlend, arXiv 2405.16444).
 - :class:`Naive`: nothing recomputed (plain concatenation of the chunks' KV).
@@ -18,6 +22,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+
+from a2ats_sglang.core.codebook import Codebooks, LayerCodebook
+from a2ats_sglang.core.retrieval import WRoPERotation, bucket_of, distance_bounds, lookup_table
+from a2ats_sglang.core.rope import RopeSpec
 
 
 def top_ratio(scores: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -46,6 +54,37 @@ def question_attention_scores(attentions, chunk_positions: torch.Tensor) -> torc
     return total
 
 
+def lut_attention_scores(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, chunk_positions: torch.Tensor,
+                         book: LayerCodebook, rope: RopeSpec, distances, scale: float) -> torch.Tensor:
+    """One layer's A³ relevance with chunk logits from the lookup table: the attention
+    probability the question's queries give each chunk token, summed over query heads and
+    question tokens, where a query's logit for a chunk token is ``scale * RoPE(q_pre,
+    d) . centroid[code]`` (d: the WRoPE distance of the token's bucket, code: its pre-RoPE
+    key's, :meth:`~a2ats_sglang.core.codebook.LayerCodebook.encode`) and for every other key
+    before the question (the exact prefix) the exact ``scale * q . k``; the question's own
+    keys are left out of the softmax.
+
+    q float [Hq, Tq, D] post-RoPE at q_pos int64 [Tq]; keys float [Hkv, L, D] post-RoPE, every
+    position before the question in prompt order (L = the question's first position);
+    chunk_positions int64 [n] (< L) -> float32 [n]."""
+    hq, tq, d = q.shape
+    hkv, length = keys.shape[0], keys.shape[1]
+    g = hq // hkv
+    chunk_keys = keys[:, chunk_positions].transpose(0, 1).float()  # [n, Hkv, D]
+    codes = book.encode(rope.unrotate(chunk_keys, chunk_positions.view(-1, 1).float())).long()  # [n, Hkv]
+    q_rot = WRoPERotation.build(rope, q_pos, distances).apply(q.transpose(0, 1))  # [Tq, Hq, NB, D]
+    lut = lookup_table(q_rot, book.centroids, scale)  # [Tq, Hq, NB, C]
+    nb, c = lut.shape[2], lut.shape[3]
+    bucket = bucket_of(q_pos.view(-1, 1) - chunk_positions.view(1, -1), distance_bounds(distances))  # [Tq, n]
+    idx = bucket.unsqueeze(1) * c + codes.t().repeat_interleave(g, 0).unsqueeze(0)  # [Tq, Hq, n]
+    approx = lut.reshape(tq, hq, nb * c).gather(2, idx).transpose(0, 1)  # [Hq, Tq, n]
+    others = torch.ones(length, dtype=torch.bool)
+    others[chunk_positions] = False
+    exact = scale * q.float() @ keys[:, others].float().repeat_interleave(g, 0).transpose(1, 2)  # [Hq, Tq, P]
+    probs = torch.cat([exact, approx], dim=-1).softmax(-1)[..., exact.shape[-1]:]
+    return probs.sum(dim=(0, 1))
+
+
 def kv_deviation_scores(fused_k: torch.Tensor, fused_v: torch.Tensor, fresh_k: torch.Tensor,
                         fresh_v: torch.Tensor) -> torch.Tensor:
     """CacheBlend's deviation of each token: squared L2 distance of its fused K and V from
@@ -62,6 +101,13 @@ class FusionContext(Protocol):
 
     def question_attention(self) -> list[torch.Tensor]:
         """Per layer float [1, Hq, Tq, Tkv]: the question's attention over the fused KV."""
+
+    def question_queries(self) -> tuple[list[torch.Tensor], torch.Tensor, float]:
+        """(per layer float [Hq, Tq, D] the question's post-RoPE queries over the fused KV,
+        their positions int64 [Tq], the attention's softmax scale)."""
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """K [Hkv, L, D] post-RoPE of every position before the question at ``layer`` as fused."""
 
     def fused_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [Hkv, n, D] of the chunk tokens at ``layer`` as fused (re-positioned)."""
@@ -89,6 +135,28 @@ class A3:
         return ctx.chunk_positions[top_ratio(scores, ratio)]
 
 
+class A3Lut:
+    """A³ scored through the a2ats lookup table (:func:`lut_attention_scores`) with the model's
+    codebooks ``books`` (:class:`~a2ats_sglang.core.codebook.Codebooks`, checked against the
+    model by whoever loads them): the question pass needs no attention probabilities, and the
+    chunk tokens' keys are read only as their codes."""
+
+    name = "a3-lut"
+
+    def __init__(self, books: Codebooks):
+        self.books = books
+        self.layers = [LayerCodebook.build(books.centroids[i], books.whiten[i], "cpu")
+                       for i in range(books.shape.num_layers)]
+
+    def choose(self, ctx: FusionContext, ratio: float) -> torch.Tensor:
+        queries, q_pos, scale = ctx.question_queries()
+        if len(queries) != len(self.layers):
+            raise ValueError(f"a3-lut: codebooks for {len(self.layers)} layers, the model has {len(queries)}")
+        scores = sum(lut_attention_scores(q, q_pos, ctx.keys(i), ctx.chunk_positions, self.layers[i], self.books.rope,
+                                          self.books.distances, scale) for i, q in enumerate(queries))
+        return ctx.chunk_positions[top_ratio(scores, ratio)]
+
+
 class CacheBlend:
     """Recompute the chunk tokens whose fused K/V deviate most at layer ``layer`` (1: the
     first layer whose input already mixes the chunks; its K/V need layers 0-1 of the full
@@ -105,5 +173,3 @@ class CacheBlend:
         scores = kv_deviation_scores(*ctx.fused_kv(self.layer), *ctx.fresh_kv(self.layer))
         return ctx.chunk_positions[top_ratio(scores, ratio)]
 
-
-METHODS = {m.name: m for m in (Naive, A3, CacheBlend)}

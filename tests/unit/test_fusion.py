@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from a2ats_sglang.fusion.reference import FusedPrompt, FusionEngine
-from a2ats_sglang.fusion.selection import A3, CacheBlend, Naive, top_ratio
+from a2ats_sglang.fusion.selection import A3, A3Lut, CacheBlend, Naive, lut_attention_scores, top_ratio
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,8 @@ def test_position_recovery_equals_computing_the_chunk_at_its_new_place(engine):
 def test_layer_zero_of_the_fused_kv_is_exact(engine):
     """Layer 0's K/V depend on each token and its position only: fused = full prompt's;
     from layer 1 on cross-chunk attention makes them differ (what fusion approximates)."""
-    from a2ats_sglang.fusion.reference import _Context
-
-    ctx = _Context(engine, prompt())
+    
+    ctx = engine.measurements(prompt())
     for a, b in zip(ctx.fused_kv(0), ctx.fresh_kv(0)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     fk, _ = ctx.fused_kv(1)
@@ -59,10 +58,9 @@ def test_layer_zero_of_the_fused_kv_is_exact(engine):
 def test_cacheblend_fresh_kv_equals_the_full_prefill_at_that_layer(engine):
     """The early-layer K/V CacheBlend compares against are the full prompt's, though only
     layers 0 ... layer ran (the pre-hook stops the rest and is removed after)."""
-    from a2ats_sglang.fusion.reference import _Context
-
+    
     p = prompt()
-    ctx = _Context(engine, p)
+    ctx = engine.measurements(p)
     full = engine.full(p)
     k, v = ctx.fresh_kv(1)
     torch.testing.assert_close(k, full.kv[1][0][0, :, ctx.chunk_positions], atol=1e-5, rtol=1e-4)
@@ -127,11 +125,14 @@ def test_bad_prompts_and_settings_are_refused():
 def test_a3_recomputes_the_planted_fact_on_the_default_model(default_model_dir):
     """On the default model, with a fact planted in one of four Wikipedia chunks, A³ at 10 %
     recomputes most of the fact's tokens (chance: 10 %), and its first-token distribution is
-    closer to the full prefill's than plain concatenation's."""
+    closer to the full prefill's than plain concatenation's. Scored through the lookup table
+    with the model's codebooks (A3Lut) it chooses most of the same tokens (chance: 10 %),
+    though not the fact's rare tokens, which the codebook's centroids do not tell apart
+    (BENCHMARKS.md §20)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from a2ats_sglang.calibration.texts import long_text
-    from a2ats_sglang.fusion.reference import _Context
+    from a2ats_sglang.core.codebook import Codebooks, default_codebook_path
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
@@ -144,8 +145,11 @@ def test_a3_recomputes_the_planted_fact_on_the_default_model(default_model_dir):
                     enc("Question: What is the secret code of Zorblat?\nAnswer: The secret code of Zorblat is"))
     spans = tok(docs[2], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     fact_pos = torch.tensor([p.chunk_starts[2] + i for i, (a, b) in enumerate(spans) if a < 400 + len(fact) and b > 400])
-    chosen = A3().choose(_Context(engine, p), 0.1)
+    ctx = engine.measurements(p)
+    chosen = A3().choose(ctx, 0.1)
     assert torch.isin(fact_pos, chosen).float().mean() >= 0.5, tok.decode(torch.tensor(p.ids)[chosen])
+    by_lut = A3Lut(Codebooks.load(default_codebook_path(default_model_dir))).choose(ctx, 0.1)
+    assert torch.isin(by_lut, chosen).float().mean() >= 0.5
 
     def kl(result, full):
         return torch.nn.functional.kl_div(result.logits.log_softmax(-1), full.logits.log_softmax(-1), log_target=True,
@@ -153,3 +157,31 @@ def test_a3_recomputes_the_planted_fact_on_the_default_model(default_model_dir):
 
     full = engine.full(p)
     assert kl(engine.prefill(p, A3(), 0.1), full) < kl(engine.prefill(p, Naive(), 0.1), full)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_lut_scores_equal_exact_attention_when_every_key_is_its_own_centroid(neox):
+    """With one centroid per chunk key (its pre-RoPE key; no whitening) and a WRoPE distance
+    for every distance in use, the lookup table's logits are the exact ones, so the LUT-scored
+    relevance equals the question's exact attention mass on each chunk token (softmax over
+    the prefix's and the chunks' keys)."""
+    from a2ats_sglang.core.codebook import LayerCodebook
+    from a2ats_sglang.core.rope import RopeSpec
+
+    torch.manual_seed(3)
+    hkv, g, d, prefix, n, tq = 2, 3, 16, 4, 40, 5
+    rope = RopeSpec(1.0 / 100.0 ** (torch.arange(0, d, 2).float() / d), d, neox)
+    length = prefix + n
+    pre = torch.randn(hkv, length, d)
+    keys = rope.rotate(pre, torch.arange(length).view(1, -1))  # post-RoPE, prompt order
+    q_pos = torch.arange(length, length + tq)
+    q = rope.rotate(torch.randn(hkv * g, tq, d), q_pos.view(1, -1))
+    chunk = torch.arange(prefix, length)
+    book = LayerCodebook.build(pre[:, chunk], torch.eye(d).expand(hkv, d, d), "cpu")
+    distances = list(range(1, length + tq))
+    got = lut_attention_scores(q, q_pos, keys, chunk, book, rope, distances, 0.25)
+
+    logits = 0.25 * q @ keys.repeat_interleave(g, 0).transpose(1, 2)  # [Hq, Tq, L]
+    want = logits.softmax(-1)[..., chunk].sum(dim=(0, 1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, want.flip(0))  # the test would see tokens swapped
