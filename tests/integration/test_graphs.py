@@ -20,6 +20,7 @@ pytestmark = pytest.mark.server
 
 BUCKETS = ("1", "4")
 GRAPHS = ["--enable-torch-compile", "--cuda-graph-bs-decode", *BUCKETS]
+START = 900  # seconds a server capturing graphs may take to start (~80 s per bucket seen on a slow 2-core VM)
 NEW_TOKENS = 24
 
 
@@ -82,7 +83,7 @@ def assert_same_answers_as_eager(graphs, eager, items, boundary: int):
 def test_a2ats_under_graphs_answers_as_eager(default_model_dir, a2ats):
     boundary = dense_below(a2ats)
     assert boundary > covered_up_to()  # the default codebooks' lookup table outweighs dense attention at short contexts
-    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS) as srv:
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS, timeout=START) as srv:
         assert_same_answers_as_eager(srv, a2ats, prompts(default_model_dir, boundary), boundary)
         shares = [float(s) for s in re.findall(r"a2ats decode batch: .* attended ([\d.]+)% of context \(", srv.log())]
         assert shares and min(shares) < 50.0  # the long prompts really retrieved under graphs
@@ -93,7 +94,7 @@ def test_offload_with_graphs_asked_for_decodes_eagerly(default_model_dir, a2ats)
     """Offload refuses capture (compiled piecewise around its worker round trip it ran slower
     than eager): the server says why, decodes eagerly, and answers as on-device eager (which
     offload equals)."""
-    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS + ["--a2ats-offload"]) as srv:
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + GRAPHS + ["--a2ats-offload"], timeout=START) as srv:
         items = prompts(default_model_dir, dense_below(a2ats))
         assert answers(srv, items, 3) == answers(a2ats, items, 1)
         assert re.search(r"CPU graph capture failed \(ValueError: a2ats offload decodes eagerly", srv.log())
@@ -102,7 +103,7 @@ def test_offload_with_graphs_asked_for_decodes_eagerly(default_model_dir, a2ats)
 
 def test_dense_baseline_under_graphs_answers_as_eager(default_model_dir):
     with launch_server(default_model_dir, "a2ats_dense", SERVER_ARGS) as eager, \
-            launch_server(default_model_dir, "a2ats_dense", SERVER_ARGS + GRAPHS) as srv:
+            launch_server(default_model_dir, "a2ats_dense", SERVER_ARGS + GRAPHS, timeout=START) as srv:
         boundary = covered_up_to()
         assert_same_answers_as_eager(srv, eager, prompts(default_model_dir, boundary), boundary)
 
@@ -112,7 +113,7 @@ def test_dense_baseline_under_graphs_answers_as_eager(default_model_dir):
     ("torch_native", [], "init_cpu_graph_state"),
 ])
 def test_a_configuration_that_cannot_be_captured_serves_eagerly(default_model_dir, dense, backend, extra, reason):
-    with launch_server(default_model_dir, backend, SERVER_ARGS + GRAPHS + extra) as srv:
+    with launch_server(default_model_dir, backend, SERVER_ARGS + GRAPHS + extra, timeout=START) as srv:
         out = generate(srv, "The capital of France is", 12)
         assert out["text"] == generate(dense, "The capital of France is", 12)["text"]
         line = re.search(r"CPU graph capture failed \((.*)\); decode runs eagerly", srv.log())

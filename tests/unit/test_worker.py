@@ -223,7 +223,7 @@ def test_a_worker_stopped_while_starting_removes_its_directory(pool):
         while not catches_sigterm(proc.pid) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)  # until the handler is in: the worker is then still importing torch
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == SIGNAL_EXIT_BASE + signal.SIGTERM
+        assert proc.wait(60) == SIGNAL_EXIT_BASE + signal.SIGTERM  # a slow VM takes a while to import torch
         assert not os.path.exists(d)
     finally:
         proc.kill()
