@@ -27,6 +27,7 @@ Steps (A³, arXiv 2511.17560, as this project implements it):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 
@@ -94,6 +95,7 @@ CAPTURE = "a2ats_capture_queries"  # the attention implementation that records e
 _captured: list[tuple[torch.Tensor, float]] = []
 
 
+@cache
 def _register_capture() -> list[tuple[torch.Tensor, float]]:
     """Register (once per process) attention ``CAPTURE`` with transformers: SDPA, after
     appending (query float [Hq, Tq, D] post-RoPE, scale) to the list returned."""

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from a2ats_sglang.core.codebook import Codebooks, LayerCodebook
-from a2ats_sglang.core.retrieval import WRoPERotation, bucket_of, distance_bounds, lookup_table
+from a2ats_sglang.core.retrieval import WRoPERotation, approx_scores, distance_bounds, lookup_table
 from a2ats_sglang.core.rope import RopeSpec
 
 
@@ -67,21 +67,17 @@ def lut_attention_scores(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tenso
     q float [Hq, Tq, D] post-RoPE at q_pos int64 [Tq]; keys float [Hkv, L, D] post-RoPE, every
     position before the question in prompt order (L = the question's first position);
     chunk_positions int64 [n] (< L) -> float32 [n]."""
-    hq, tq, d = q.shape
-    hkv, length = keys.shape[0], keys.shape[1]
-    g = hq // hkv
-    chunk_keys = keys[:, chunk_positions].transpose(0, 1).float()  # [n, Hkv, D]
-    codes = book.encode(rope.unrotate(chunk_keys, chunk_positions.view(-1, 1).float())).long()  # [n, Hkv]
-    q_rot = WRoPERotation.build(rope, q_pos, distances).apply(q.transpose(0, 1))  # [Tq, Hq, NB, D]
-    lut = lookup_table(q_rot, book.centroids, scale)  # [Tq, Hq, NB, C]
-    nb, c = lut.shape[2], lut.shape[3]
-    bucket = bucket_of(q_pos.view(-1, 1) - chunk_positions.view(1, -1), distance_bounds(distances))  # [Tq, n]
-    idx = bucket.unsqueeze(1) * c + codes.t().repeat_interleave(g, 0).unsqueeze(0)  # [Tq, Hq, n]
-    approx = lut.reshape(tq, hq, nb * c).gather(2, idx).transpose(0, 1)  # [Hq, Tq, n]
+    hq, tq = q.shape[0], q.shape[1]
+    length = keys.shape[1]
+    g = hq // keys.shape[0]
+    pre = rope.unrotate(keys.transpose(0, 1).float(), torch.arange(length).view(-1, 1).float())  # [L, Hkv, D]
+    codes = book.encode(pre).t().unsqueeze(0).expand(tq, -1, -1)  # [Tq, Hkv, L]: every question token sees them all
+    lut = lookup_table(WRoPERotation.build(rope, q_pos, distances).apply(q.transpose(0, 1)), book.centroids, scale)
+    approx = approx_scores(lut, codes, q_pos + 1, distance_bounds(distances), 0, 0)[..., chunk_positions]  # [Tq, Hq, n]
     others = torch.ones(length, dtype=torch.bool)
     others[chunk_positions] = False
     exact = scale * q.float() @ keys[:, others].float().repeat_interleave(g, 0).transpose(1, 2)  # [Hq, Tq, P]
-    probs = torch.cat([exact, approx], dim=-1).softmax(-1)[..., exact.shape[-1]:]
+    probs = torch.cat([exact, approx.transpose(0, 1)], dim=-1).softmax(-1)[..., exact.shape[-1]:]
     return probs.sum(dim=(0, 1))
 
 

@@ -46,7 +46,6 @@ def test_position_recovery_equals_computing_the_chunk_at_its_new_place(engine):
 def test_layer_zero_of_the_fused_kv_is_exact(engine):
     """Layer 0's K/V depend on each token and its position only: fused = full prompt's;
     from layer 1 on cross-chunk attention makes them differ (what fusion approximates)."""
-    
     ctx = engine.measurements(prompt())
     for a, b in zip(ctx.fused_kv(0), ctx.fresh_kv(0)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -58,7 +57,6 @@ def test_layer_zero_of_the_fused_kv_is_exact(engine):
 def test_cacheblend_fresh_kv_equals_the_full_prefill_at_that_layer(engine):
     """The early-layer K/V CacheBlend compares against are the full prompt's, though only
     layers 0 ... layer ran (the pre-hook stops the rest and is removed after)."""
-    
     p = prompt()
     ctx = engine.measurements(p)
     full = engine.full(p)
