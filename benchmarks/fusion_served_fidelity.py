@@ -1,8 +1,10 @@
-"""Fidelity of served chunk fusion to the full prefill, from the server's own logprobs: A³ at
-several recompute ratios and naive concatenation, over retrieval-augmented prompts with a
-planted fact, in one server (``--attention-backend a2ats --a2ats-chunk-fusion``).
+"""Fidelity of served chunk fusion to the full prefill, from the server's own logprobs: A³ and
+CacheBlend-style selection at several recompute ratios and naive concatenation, over
+retrieval-augmented prompts with a planted fact, in one server (``--attention-backend a2ats
+--a2ats-chunk-fusion``).
 
     python benchmarks/fusion_served_fidelity.py [--prompts 100] [--chunks 8] [--ratios 0.05 0.15 0.3]
+        [--methods a3 cacheblend]
 
 Each prompt: the instruction, ``--chunks`` passages of 256-512 tokens drawn in random order
 from a pool of 32 (one with a planted code, or on odd prompts a fact split over two), the
@@ -61,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.15, 0.3])
+    ap.add_argument("--methods", nargs="+", default=["a3", "cacheblend"], choices=["a3", "cacheblend"],
+                    help="selections compared at every ratio (naive concatenation always runs)")
     ap.add_argument("--gen-tokens", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
@@ -68,7 +72,7 @@ def main(argv=None):
 
     model = model_or_default(args.model_path)
     pool = paragraphs(AutoTokenizer.from_pretrained(model), 32, 256, 512)
-    variants = [("naive", 0.0)] + [("a3", r) for r in args.ratios]
+    variants = [("naive", 0.0)] + [(m, r) for r in args.ratios for m in args.methods]
     rows = {f"{m}@{r:g}": [] for m, r in variants}
     full_rows = []
     t0 = time.time()

@@ -72,10 +72,15 @@ def fused_extend_attention(query, output, k_cache, v_cache, req_to_token, req_po
 def fused_extend_layer(pool, req_to_token, q, k, v, layer, forward_batch, fused, save_kv_cache: bool) -> torch.Tensor:
     """One attention layer of a fused extend batch over SGLang's KV ``pool`` (on the device or
     in host memory): the new K/V written at the batch's slots, then every computed token
-    attends by position (:func:`fused_extend_attention`). q [T, Hq * D] -> [T, Hq * Dv]."""
+    attends by position (:func:`fused_extend_attention`); a CacheBlend scoring pass's probes at
+    this layer compare the new K/V first. q [T, Hq * D] -> [T, Hq * Dv]."""
+    lid, hq = layer.layer_id, layer.tp_q_head_num
+    if k is not None:
+        for probe in fused.probes:
+            if probe.layer == lid:
+                probe.add(k.view(k.shape[0], -1, layer.qk_head_dim), v.view(v.shape[0], -1, layer.v_head_dim))
     if save_kv_cache and k is not None:
         pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-    lid, hq = layer.layer_id, layer.tp_q_head_num
     out = q.new_empty(q.shape[0], hq * layer.v_head_dim)
     fused_extend_attention(q.view(-1, hq, layer.qk_head_dim), out.view(-1, hq, layer.v_head_dim),
                            pool.get_key_buffer(lid), pool.get_value_buffer(lid), req_to_token,
@@ -90,12 +95,19 @@ def place_kv(pool, retriever, src: torch.Tensor, dst: torch.Tensor, delta: torch
     where it sits in a fused prompt. Codes are of pre-RoPE keys: copied as they are."""
     first = pool.get_key_buffer(next(iter(retriever.layers)))
     rope = retriever.rope.to(first.device)
-    s, d, shift = src.to(first.device), dst.to(first.device), delta.to(first.device).view(-1, 1)
+    s, d, shift = src.to(first.device), dst.to(first.device), delta.to(first.device)
     for lid in retriever.layers:
-        k, v = pool.get_key_buffer(lid), pool.get_value_buffer(lid)
-        k[d] = rope.shift(k[s], shift)
-        v[d] = v[s]
+        pool.get_key_buffer(lid)[d], pool.get_value_buffer(lid)[d] = placed_kv(pool, rope, lid, s, shift)
     retriever.copy_codes(src.to(retriever.codes.device), dst.to(retriever.codes.device))
+
+
+def placed_kv(pool, rope, layer_id: int, src: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer_id``'s K [m, Hkv, D] / V [m, Hkv, Dv] of ``pool``'s slots ``src`` (int64
+    [m]) as they are placed ``delta`` (int64 [m]) positions later: keys rotated by ``rope``
+    (on the pool's device), values as they are."""
+    k, v = pool.get_key_buffer(layer_id), pool.get_value_buffer(layer_id)
+    s = src.to(k.device)
+    return rope.shift(k[s], delta.to(k.device).view(-1, 1)), v[s]
 
 
 def check_servable(attention) -> None:

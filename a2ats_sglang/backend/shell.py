@@ -22,7 +22,7 @@ import logging
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from a2ats_sglang.backend.fused_extend import check_servable, place_kv
+from a2ats_sglang.backend.fused_extend import check_servable, place_kv, placed_kv
 from a2ats_sglang.backend.layers import ModelAttention, dense_reason
 from a2ats_sglang.backend.parallel import TensorParallel
 from a2ats_sglang.backend.planner import AttendedShare, CaptureBatch, DecodePlanner
@@ -122,6 +122,12 @@ class A2ATSAttnBackend(AttentionBackend):
         """Chunk fusion: every layer's K/V and codes of slots ``src`` copied to ``dst``, keys
         rotated by ``delta`` positions (int64 [m] each)."""
         place_kv(self.strategy.pool, self.retriever, src, dst, delta)
+
+    def placed_kv(self, layer_id: int, src, delta):
+        """Chunk fusion: layer ``layer_id``'s K/V of slots ``src`` as :meth:`place_kv` would
+        place them (:func:`~.fused_extend.placed_kv`), without writing them anywhere."""
+        pool = self.strategy.pool
+        return placed_kv(pool, self.retriever.rope.to(pool.get_key_buffer(layer_id).device), layer_id, src, delta)
 
     def is_sparse_layer(self, layer) -> bool:
         if self.sparse_layers is not None:

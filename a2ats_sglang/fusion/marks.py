@@ -7,7 +7,7 @@ Client side (:class:`ChunkMarks`)::
 
     "custom_params": {"a2ats_chunks": ["<document 1>", "<document 2>"],   # required
                       "a2ats_recompute_ratio": 0.15,                      # optional, [0, 1]
-                      "a2ats_fusion_method": "a3"}                        # optional: a3 | naive
+                      "a2ats_fusion_method": "a3"}                        # optional: a3 | naive | cacheblend
 
 Every chunk must appear in the prompt, in this order and without overlap, as its own tokens
 (the chunk tokenized alone, without special tokens, is a run of the prompt's tokens: separate
@@ -16,7 +16,8 @@ are the shared prefix each chunk's KV is computed after; those after the last ch
 question.
 
 Scheduler side (:class:`FusedLayout`): the chunks' token spans, the ratio and method, and which
-pass the request is (the scoring pass that measures the question's attention, or the final one).
+pass the request is (the scoring pass that measures what the method ranks the chunk tokens by,
+or the final one).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from a2ats_sglang.fusion.selection import A3, Naive
+from a2ats_sglang.fusion.selection import A3, CacheBlend, Naive
 
 KEY_PREFIX = "a2ats_"  # every custom_params key of chunk fusion, the client's and the scheduler's
 CHUNKS_KEY = "a2ats_chunks"
@@ -33,7 +34,8 @@ METHOD_KEY = "a2ats_fusion_method"
 CLIENT_KEYS = (CHUNKS_KEY, RATIO_KEY, METHOD_KEY)
 LAYOUT_KEY = "a2ats_fusion_layout"  # to the scheduler: [score_pass, ratio_ppm, method index, s0, e0, s1, e1, ...]
 ID_KEY = "a2ats_fusion_id"  # to the scheduler: pairs a scoring pass with its final request
-SERVED_METHODS = (A3.name, Naive.name)  # CacheBlend needs every token's early-layer KV: reference engine only
+SERVED_METHODS = (A3.name, Naive.name, CacheBlend.name)  # their order is the layout's method index
+SCORED_METHODS = (A3.name, CacheBlend.name)  # a ratio strictly between 0 and 1 needs a scoring pass first
 EXTRA_KEY_TAG = "\x1fa2ats-fusion"  # radix namespace of fused KV: approximate, never served to a plain request
 
 
@@ -81,9 +83,9 @@ class ChunkMarks:
 
     @property
     def needs_scoring(self) -> bool:
-        """Whether a scoring pass must measure the question's attention first (A³ choosing
-        some but not all of the chunk tokens)."""
-        return self.method == A3.name and 0.0 < self.ratio < 1.0
+        """Whether a scoring pass must measure the chunk tokens first (A³'s question attention,
+        CacheBlend's K/V deviation) to choose some but not all of them."""
+        return self.method in SCORED_METHODS and 0.0 < self.ratio < 1.0
 
 
 def locate_chunks(prompt: Sequence[int], chunks: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -116,7 +118,7 @@ def locate_chunks(prompt: Sequence[int], chunks: Sequence[Sequence[int]]) -> lis
 class FusedLayout:
     """What the scheduler learns of a fused request. spans: [start, end) of each chunk in the
     prompt (ascending, disjoint, the first after the shared prefix); score_pass: this request
-    only measures the question's attention over the naively fused KV, for the final request
+    only measures the chunk tokens (:mod:`~a2ats_sglang.fusion.served`) for the final request
     with the same ``fusion_id``."""
 
     spans: tuple[tuple[int, int], ...]

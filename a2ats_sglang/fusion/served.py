@@ -14,12 +14,18 @@ position. Then, as each extend's ``ForwardBatch`` is built (:meth:`FusionPlanner
    to the model and to the attention backend (:class:`FusedExtend`), which attends each by
    position over the request's whole row.
 
-A3 chooses from the question's attention, measured by a scoring pass: the same prompt sent
-first with nothing recomputed (:class:`~a2ats_sglang.fusion.marks.FusedLayout` ``score_pass``),
-whose question rows add their attention probabilities to a per-position mass (kept in
-:data:`SCORES` until the final request takes it) and whose KV never enters the tree. Fused KV
-is ordinary KV in SGLang's pool: accounting, eviction and radix sharing (within the fused
-namespace) are SGLang's own.
+A3 and CacheBlend choose from a score per position measured by a scoring pass: the same prompt
+sent first (:class:`~a2ats_sglang.fusion.marks.FusedLayout` ``score_pass``, its KV never
+entering the tree), the scores kept in :data:`SCORES` until the final request takes them.
+
+- A3: nothing recomputed; the question rows add their attention probabilities to the mass.
+- CacheBlend: every cached chunk token recomputed (the pass costs a full prefill: it is a
+  fidelity baseline, not layer-pipelined as CacheBlend's own engine is); at layer
+  :attr:`~a2ats_sglang.fusion.selection.CacheBlend.layer` each one's fresh K/V is compared with
+  its fused K/V, read from the chunk's cached slots and re-positioned (:class:`DeviationProbe`).
+
+Fused KV is ordinary KV in SGLang's pool: accounting, eviction and radix sharing (within the
+fused namespace) are SGLang's own.
 """
 
 from __future__ import annotations
@@ -27,12 +33,12 @@ from __future__ import annotations
 import logging
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from a2ats_sglang.fusion.marks import EXTRA_KEY_TAG, FusedLayout
-from a2ats_sglang.fusion.selection import A3, top_ratio
+from a2ats_sglang.fusion.marks import EXTRA_KEY_TAG, SCORED_METHODS, FusedLayout
+from a2ats_sglang.fusion.selection import CacheBlend, kv_deviation_scores, top_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +77,39 @@ def base_extra_key(extra_key: str | None) -> str | None:
 @dataclass
 class RequestFusion:
     """One fused request's state, kept on its ``Req`` from its first extend. recompute: bool
-    [prompt length], the chunk tokens chosen for recomputation (final pass); scores: float32
-    [prompt length], the question's attention mass (scoring pass), filled by the backend."""
+    [prompt length], the chunk tokens computed rather than copied; scores: float32 [prompt
+    length], what a scoring pass measures per position (filled by the backend), else None;
+    probe_layer: the layer a CacheBlend scoring pass compares K/V at (None: the question's
+    attention mass is measured instead)."""
 
     layout: FusedLayout
     recompute: torch.Tensor
     scores: torch.Tensor | None
+    probe_layer: int | None = None
+
+
+@dataclass
+class DeviationProbe:
+    """A CacheBlend scoring pass's comparison of one request's recomputed chunk tokens at one
+    layer (:meth:`add`). rows int64 [m]: their rows among the extend batch's computed tokens;
+    positions int64 [m]: theirs in the prompt; fused_k [m, Hkv, D] / fused_v [m, Hkv, Dv]: their
+    K/V as fused at ``layer``; scores float32 [prompt length]: where the deviations are added."""
+
+    layer: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+    fused_k: torch.Tensor
+    fused_v: torch.Tensor
+    scores: torch.Tensor
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The layer's fresh k [T, Hkv, D] / v [T, Hkv, Dv] of the whole batch: each probed
+        token's squared K and V distance from its fused K/V added to its score."""
+        rows = self.rows.to(k.device)
+        fresh_k, fresh_v = k[rows].movedim(0, 1), v[rows].movedim(0, 1)
+        deviation = kv_deviation_scores(self.fused_k.to(k.device).movedim(0, 1),
+                                        self.fused_v.to(v.device).movedim(0, 1), fresh_k, fresh_v)
+        self.scores[self.positions.to(self.scores.device)] += deviation.to(self.scores.device)
 
 
 @dataclass
@@ -85,10 +118,12 @@ class FusedExtend:
     request of the batch attends through it). Per request, in batch order: positions int64
     [n_i], the positions of its computed tokens (ascending; a plain request's are contiguous);
     question: (first row of the question among its computed tokens, float32 [seq_len] mass it
-    adds to) for a scoring pass, else None."""
+    adds to) for an A³ scoring pass, else None. probes: the CacheBlend scoring passes'
+    comparisons (any request, any order)."""
 
     positions: list[torch.Tensor]
     question: list[tuple[int, torch.Tensor] | None]
+    probes: list[DeviationProbe] = field(default_factory=list)
 
     def check(self, forward_batch) -> None:
         """Raise if ``forward_batch`` is not the batch this was planned for."""
@@ -105,7 +140,9 @@ class RoundPlan:
     """One fused request's extend round [start, end): keep bool [end - start], the tokens
     computed; src / dst int64 [m] and delta int64 [m]: KV copied from cached slots to this
     request's, keys rotated by delta positions; found / missing: chunk tokens copied / not
-    cached (the others of the m copied belong to the shared prefix)."""
+    cached (the others of the m copied belong to the shared prefix). For a CacheBlend scoring
+    pass, probed bool [end - start]: the recomputed chunk tokens that are cached, whose cached
+    KV are at probe_src int64 [p], to be rotated by probe_delta int64 [p]."""
 
     keep: torch.Tensor
     src: torch.Tensor
@@ -113,6 +150,9 @@ class RoundPlan:
     delta: torch.Tensor
     found: int
     missing: int
+    probed: torch.Tensor
+    probe_src: torch.Tensor
+    probe_delta: torch.Tensor
 
 
 def planner_for(model_runner) -> "FusionPlanner":
@@ -142,7 +182,7 @@ class FusionPlanner:
     def apply(self, fb, batch) -> None:
         """Copy the reused KV of ``batch``'s fused requests into their slots and cut the forward
         batch ``fb`` (built from ``batch`` by SGLang) down to the tokens to compute."""
-        keep, positions, question = [], [], []
+        keep, positions, question, probes = [], [], [], []
         start = 0
         counts = []
         starts = fb.extend_logprob_start_lens_cpu  # the ScheduleBatch's list: its result processing reads it
@@ -161,11 +201,17 @@ class FusionPlanner:
                 q0 = state.layout.question_start
                 pos = torch.arange(a, a + n)[mask]
                 question.append((int((pos < q0).sum()), state.scores) if state.scores is not None and
-                                int(pos[-1]) >= q0 else None)
+                                state.probe_layer is None and int(pos[-1]) >= q0 else None)
+                if plan.probe_src.numel():
+                    rows = (mask.cumsum(0) - 1)[plan.probed] + sum(counts)
+                    k, v = self.backend.placed_kv(state.probe_layer, plan.probe_src, plan.probe_delta)
+                    probes.append(DeviationProbe(state.probe_layer, rows, torch.arange(a, a + n)[plan.probed], k, v,
+                                                 state.scores))
                 logger.info("a2ats fusion: request %s (%s) positions %d-%d: %d computed, %d chunk tokens reused, %d of "
-                            "the shared prefix copied, %d chunk tokens not cached", req.rid, "scoring pass" if
-                            state.layout.score_pass else "final", a, a + n - 1, int(mask.sum()), plan.found,
-                            int((~mask).sum()) - plan.found, plan.missing)
+                            "the shared prefix copied, %d chunk tokens not cached; chosen for recomputation per "
+                            "chunk %s", req.rid, "scoring pass" if state.layout.score_pass else "final", a, a + n - 1,
+                            int(mask.sum()), plan.found, int((~mask).sum()) - plan.found, plan.missing,
+                            [int(state.recompute[s:e].sum()) for s, e in state.layout.spans])
             index = mask.nonzero().squeeze(1)
             keep.append(index + start)
             positions.append((index + a).to(fb.positions.device))
@@ -186,7 +232,7 @@ class FusionPlanner:
         if getattr(fb, "global_num_token_non_padded", None) is not None:
             fb.global_num_token_non_padded = torch.tensor(fb.extend_num_tokens, dtype=torch.int32,
                                                           device=fb.global_num_token_non_padded.device)
-        self.backend.stage_fusion(FusedExtend(positions, question))
+        self.backend.stage_fusion(FusedExtend(positions, question, probes))
 
     # -- one request ---------------------------------------------------------------
     def _state(self, req) -> RequestFusion | None:
@@ -202,14 +248,17 @@ class FusionPlanner:
                              f"{n} prompt tokens")
         chunk = torch.cat([torch.arange(s, e) for s, e in layout.spans])
         recompute = torch.zeros(n, dtype=torch.bool)
-        scores = None
+        scores = probe_layer = None
         if layout.score_pass:
-            req.skip_radix_cache_insert = True  # naively fused KV: measured once, never kept
+            req.skip_radix_cache_insert = True  # measured once, never kept
             scores = torch.zeros(n, dtype=torch.float32, device=self.device)
             SCORES.put(layout.fusion_id, scores)
+            if layout.method == CacheBlend.name:  # every chunk token fresh, compared with its fused KV
+                recompute[chunk] = True
+                probe_layer = CacheBlend().layer
         elif layout.ratio >= 1.0:
             recompute[chunk] = True
-        elif layout.ratio > 0.0 and layout.method == A3.name:
+        elif layout.ratio > 0.0 and layout.method in SCORED_METHODS:
             measured = SCORES.take(layout.fusion_id)
             if measured is None or measured.numel() != n:
                 logger.warning("a2ats fusion: request %s: no scoring pass found (%s); every chunk token is recomputed",
@@ -217,7 +266,7 @@ class FusionPlanner:
                 recompute[chunk] = True
             else:
                 recompute[chunk[top_ratio(measured.cpu()[chunk], layout.ratio)]] = True
-        state = RequestFusion(layout, recompute, scores)
+        state = RequestFusion(layout, recompute, scores, probe_layer)
         req.a2ats_fusion = state
         return state
 
@@ -241,6 +290,8 @@ class FusionPlanner:
             have = pos < cached(0).numel()
             src[pos[have] - a] = cached(0)[pos[have]]
         found = missing = 0
+        probed = torch.zeros(b - a, dtype=torch.bool)
+        probe_src, probe_delta = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
         for j, (s, e) in enumerate(spans):
             lo, hi = max(s, a), min(e, b)
             if lo >= hi:
@@ -253,12 +304,17 @@ class FusionPlanner:
             delta[pos[have] - a] = s - p
             found += int(have.sum())
             missing += int((~cached_here).sum())
+            if state.probe_layer is not None:
+                probed[pos[cached_here & state.recompute[lo:hi]] - a] = True
+                probe_src.append(cached(j)[standalone[probed[pos - a]]])
+                probe_delta.append(torch.full((int(probed[pos - a].sum()),), s - p, dtype=torch.int64))
         keep = src < 0
         if not keep.any():  # an extend computes at least one token: its last gives the logits
             keep[-1] = True
         copy = ~keep
         dst = slots.to("cpu", torch.int64)[copy]
-        return RoundPlan(keep, src[copy], dst, delta[copy], found, missing)
+        return RoundPlan(keep, src[copy], dst, delta[copy], found, missing, probed, torch.cat(probe_src),
+                         torch.cat(probe_delta))
 
     @staticmethod
     def _cached_slots(tree, ids, extra_key, cache_salt) -> torch.Tensor:

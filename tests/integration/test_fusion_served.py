@@ -34,13 +34,15 @@ def ask(srv, prompt: RagPrompt, marks: dict | None, rid: str | None = None, max_
     return requests.post(srv.url + "/generate", json=payload, timeout=600)
 
 
-def fused_line(srv, rid: str) -> dict:
-    """The scheduler's account of request ``rid``'s (final) extend."""
-    m = re.findall(rf"a2ats fusion: request {rid} \(final\) positions (\d+)-(\d+): (\d+) computed, (\d+) chunk tokens "
-                   rf"reused, (\d+) of the shared prefix copied, (\d+) chunk tokens not cached", srv.log())
+def fused_line(srv, rid: str, kind: str = "final") -> dict:
+    """The scheduler's account of request ``rid``'s extend (``kind``: final, scoring pass)."""
+    m = re.findall(rf"a2ats fusion: request {re.escape(rid)} \({kind}\) positions (\d+)-(\d+): (\d+) computed, (\d+) "
+                   rf"chunk tokens reused, (\d+) of the shared prefix copied, (\d+) chunk tokens not cached; chosen "
+                   rf"for recomputation per chunk \[([\d, ]*)\]", srv.log())
     assert len(m) == 1, m
-    first, last, computed, reused, prefix, missing = map(int, m[0])
-    return {"tokens": last - first + 1, "computed": computed, "reused": reused, "prefix": prefix, "missing": missing}
+    first, last, computed, reused, prefix, missing = map(int, m[0][:6])
+    return {"tokens": last - first + 1, "computed": computed, "reused": reused, "prefix": prefix, "missing": missing,
+            "chosen": [int(x) for x in m[0][6].split(",")]}
 
 
 def test_recomputing_everything_is_the_full_prefill(fusing, pool):
@@ -78,6 +80,24 @@ def test_chunks_reused_in_other_orders_and_the_planted_fact_answered(fusing, poo
     assert again == fused and fused_line(fusing, "order-again")["computed"] == 1
 
 
+def test_cacheblend_recomputes_where_the_fused_kv_deviates(fusing, pool):
+    """CacheBlend-style selection served: its scoring pass computes every chunk token and
+    compares K/V at layer 1; the first chunk (right after the shared prefix, where its fused
+    KV is its exact KV) gets none of the recomputation, the later chunks all of it; with A³
+    on the same prompt the first chunk gets some. The planted code is still answered."""
+    p = rag_prompt(pool, 4, 12)
+    plain = ask(fusing, p, None).json()["text"]
+    blend = ask(fusing, p, p.marks(method="cacheblend"), rid="blend").json()["text"]
+    score, final = fused_line(fusing, "blend.a2ats-score", "scoring pass"), fused_line(fusing, "blend")
+    chunk_tokens = sum(score["chosen"])  # the scoring pass computes every chunk token
+    assert score["reused"] == 0 and score["missing"] == 0 and score["computed"] > chunk_tokens
+    assert final["chosen"][0] == 0 and sum(final["chosen"]) == round(0.15 * chunk_tokens), final
+    assert final["reused"] == chunk_tokens - sum(final["chosen"]) and final["missing"] == 0
+    ask(fusing, p, p.marks(), rid="a3-same")
+    assert fused_line(fusing, "a3-same")["chosen"][0] > 0
+    assert p.answer in plain and p.answer in blend, (plain, blend)
+
+
 def test_fused_and_plain_requests_in_flight_together(fusing, pool):
     prompts = [rag_prompt(pool, 3, s, plant_fact=False) for s in (20, 21)]
     plain_alone = [ask(fusing, p, None, max_new_tokens=10).json()["text"] for p in prompts]
@@ -94,7 +114,7 @@ def test_bad_marks_get_a_clear_error_and_nothing_else_is_disturbed(fusing, a2ats
     cases = [({"a2ats_chunks": ["", p.chunks[1]]}, {}, "a2ats_chunks[0] is empty"),
              ({"a2ats_chunks": ["words that are nowhere in this prompt"]}, {}, "is not in the prompt"),
              ({"a2ats_chunks": list(p.chunks), "a2ats_recompute_ratio": 2}, {}, "in [0, 1]"),
-             ({"a2ats_chunks": list(p.chunks), "a2ats_fusion_method": "cacheblend"}, {}, "one of ('a3', 'naive')"),
+             ({"a2ats_chunks": list(p.chunks), "a2ats_fusion_method": "a3-lut"}, {}, "one of ('a3', 'naive', "),
              (p.marks(), {"return_logprob": True, "logprob_start_len": 0}, "does not return prompt logprobs")]
     for marks, body, message in cases:
         r = ask(fusing, p, marks, **body)

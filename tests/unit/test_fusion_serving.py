@@ -25,12 +25,13 @@ def test_marks_parsed_with_the_server_default_ratio_and_bad_ones_refused():
     assert m == ChunkMarks(("a b", "c"), 0.15, "a3") and m.needs_scoring
     assert not ChunkMarks.of({"a2ats_chunks": ["a"], "a2ats_recompute_ratio": 1}, 0.15).needs_scoring
     assert not ChunkMarks.of({"a2ats_chunks": ["a"], "a2ats_fusion_method": "naive"}, 0.15).needs_scoring
+    assert ChunkMarks.of({"a2ats_chunks": ["a"], "a2ats_fusion_method": "cacheblend"}, 0.15).needs_scoring
     for params, message in [
         ({"a2ats_chunks": []}, "non-empty list"), ({"a2ats_chunks": "text"}, "non-empty list"),
         ({"a2ats_chunks": ["a", " \n"]}, "a2ats_chunks[1] is empty"),
         ({"a2ats_chunks": ["a"], "a2ats_recompute_ratio": 1.5}, "in [0, 1]"),
         ({"a2ats_chunks": ["a"], "a2ats_recompute_ratio": True}, "in [0, 1]"),
-        ({"a2ats_chunks": ["a"], "a2ats_fusion_method": "cacheblend"}, "one of ('a3', 'naive')"),
+        ({"a2ats_chunks": ["a"], "a2ats_fusion_method": "a3-lut"}, "one of ('a3', 'naive', 'cacheblend')"),
         ({"a2ats_recompute_ratio": 0.2}, "non-empty list"),  # a ratio without chunks
         ({"a2ats_fusion_layout": [0, 0, 0, 1, 2]}, "a2ats_fusion_layout is not a chunk mark"),  # the scheduler's own
     ]:
@@ -109,6 +110,20 @@ def test_positional_attention_skips_what_is_not_computed():
         torch.testing.assert_close(got[:, row:row + 1], ref, atol=1e-6, rtol=1e-5)
 
 
+class LayerPool:
+    """KV laid out as SGLang's token-slot pools: per layer K/V [slots, Hkv, D]."""
+
+    def __init__(self, layers: int, slots: int, heads: int, dim: int):
+        self.k = [torch.zeros(slots, heads, dim) for _ in range(layers)]
+        self.v = [torch.zeros(slots, heads, dim) for _ in range(layers)]
+
+    def get_key_buffer(self, i):
+        return self.k[i]
+
+    def get_value_buffer(self, i):
+        return self.v[i]
+
+
 def test_place_kv_moves_a_chunk_as_if_computed_at_its_new_position():
     """place_kv over a pool laid out as SGLang's ([slots, Hkv, D] per layer): keys rotated at p
     come out as rotated at p + delta, values and codes copied, nothing else written."""
@@ -117,16 +132,6 @@ def test_place_kv_moves_a_chunk_as_if_computed_at_its_new_position():
     rope = RopeSpec(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)), 16)
     pre = torch.randn(2, 6, 2, 16)  # layers x tokens x heads x dim, before rotation
     pos = torch.arange(10, 16)
-
-    class Pool:
-        k = [torch.zeros(40, 2, 16) for _ in range(2)]
-        v = [torch.zeros(40, 2, 16) for _ in range(2)]
-
-        def get_key_buffer(self, i):
-            return self.k[i]
-
-        def get_value_buffer(self, i):
-            return self.v[i]
 
     class Retriever:
         layers = {0: None, 1: None}
@@ -138,7 +143,7 @@ def test_place_kv_moves_a_chunk_as_if_computed_at_its_new_position():
         def copy_codes(self, src, dst):
             self.codes[:, dst] = self.codes[:, src]
 
-    pool, retriever = Pool(), Retriever()
+    pool, retriever = LayerPool(2, 40, 2, 16), Retriever()
     src, dst = torch.arange(0, 6), torch.arange(20, 26)
     for layer in range(2):
         pool.k[layer][src] = rope.rotate(pre[layer], pos.view(-1, 1))
@@ -201,6 +206,56 @@ def test_round_copies_only_what_the_tree_holds_and_computes_the_rest():
     assert (plan.found, plan.missing) == (6, 2)
     later = Planner(None, "cpu")._round(req, state, None, slots[11:], 11, 13)  # a later chunked-prefill round
     assert later.keep.tolist() == [True, True] and later.src.numel() == 0
+
+
+def test_cacheblend_scoring_pass_scores_each_cached_chunk_token_by_its_kv_deviation():
+    """The CacheBlend scoring pass over the tree of the test above: every chunk token computed,
+    those cached probed against their cached KV re-positioned (chunk 2 by 4 positions); the
+    probe adds each one's squared K/V distance at its prompt position: zero where the fresh
+    K/V are the fused ones moved, the perturbation's square where they differ."""
+    from array import array
+
+    from a2ats_sglang.backend.fused_extend import placed_kv
+    from a2ats_sglang.fusion.served import DeviationProbe, FusionPlanner, RequestFusion
+
+    prefix, c1, c2, question = [1, 2], [10, 11, 12, 13], [20, 21, 22, 23, 24], [30, 31]
+    ids = array("q", prefix + c1 + c2 + question)
+    layout = FusedLayout(((2, 6), (6, 11)), 0.15, "cacheblend", True, "x")
+    cached = {tuple(prefix + c1): torch.arange(0, 6), tuple(prefix + c2): torch.arange(10, 15)}
+
+    class Planner(FusionPlanner):
+        @staticmethod
+        def _cached_slots(tree, key, extra_key, cache_salt):
+            return cached[tuple(key)]
+
+    recompute = torch.zeros(len(ids), dtype=torch.bool)
+    recompute[2:11] = True
+    state = RequestFusion(layout, recompute, torch.zeros(len(ids)), probe_layer=1)
+    req = type("Req", (), {"origin_input_ids": ids, "extra_key": None, "cache_salt": None})()
+    plan = Planner(None, "cpu")._round(req, state, None, torch.arange(20, 33), 0, 13)
+    assert plan.keep.nonzero().squeeze(1).tolist() == list(range(2, 13)) and plan.src.tolist() == [0, 1]
+    assert plan.probed.nonzero().squeeze(1).tolist() == [2, 3, 4, 5, 6, 7, 8]  # c2's last two are not cached
+    assert plan.probe_src.tolist() == [2, 3, 4, 5, 12, 13, 14] and (plan.found, plan.missing) == (0, 2)
+    assert plan.probe_delta.tolist() == [0, 0, 0, 0, 4, 4, 4]
+
+    rope = RopeSpec(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)), 16)
+    torch.manual_seed(3)
+    pool, pre = LayerPool(2, 40, 2, 16), torch.randn(7, 2, 16)
+    standalone = torch.tensor([2, 3, 4, 5, 2, 3, 4])  # positions in the chunks' own prefills
+    pool.k[1][plan.probe_src] = rope.rotate(pre, standalone.view(-1, 1))
+    pool.v[1][plan.probe_src] = pre + 1
+    positions = plan.probed.nonzero().squeeze(1)
+    k, v = placed_kv(pool, rope, 1, plan.probe_src, plan.probe_delta)
+    rows = torch.arange(7) + 1  # the batch: one token of another request first
+    probe = DeviationProbe(1, rows, positions, k, v, state.scores)
+    fresh_k, fresh_v = torch.randn(8, 2, 16), torch.randn(8, 2, 16)
+    fresh_k[rows] = rope.rotate(pre, positions.view(-1, 1))
+    fresh_v[rows] = pre + 1
+    fresh_v[rows[5], 1, 3] += 0.5  # c2's second token
+    probe.add(fresh_k, fresh_v)
+    want = torch.zeros(len(ids))
+    want[7] = 0.25
+    torch.testing.assert_close(state.scores, want, atol=1e-4, rtol=0)
 
 
 def test_backend_refuses_fusion_where_it_cannot_serve():
