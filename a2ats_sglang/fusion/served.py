@@ -275,7 +275,7 @@ class FusionPlanner:
         them this round, in position order)."""
         layout, ids = state.layout, req.origin_input_ids
         p, spans = layout.prefix_len, layout.spans
-        src = torch.full((b - a,), -1, dtype=torch.int64)
+        src = torch.full((b - a,), -1, dtype=torch.int64)  # each position's cached slot, copied or recomputed
         delta = torch.zeros(b - a, dtype=torch.int64)
         base, lookups = base_extra_key(req.extra_key), {}
 
@@ -289,9 +289,7 @@ class FusionPlanner:
             pos = torch.arange(a, min(p, b))
             have = pos < cached(0).numel()
             src[pos[have] - a] = cached(0)[pos[have]]
-        found = missing = 0
-        probed = torch.zeros(b - a, dtype=torch.bool)
-        probe_src, probe_delta = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
+        missing = 0
         for j, (s, e) in enumerate(spans):
             lo, hi = max(s, a), min(e, b)
             if lo >= hi:
@@ -299,22 +297,18 @@ class FusionPlanner:
             pos = torch.arange(lo, hi)
             standalone = pos - s + p  # the token's position in its chunk's own prefill
             cached_here = standalone < cached(j).numel()
-            have = cached_here & ~state.recompute[lo:hi]
-            src[pos[have] - a] = cached(j)[standalone[have]]
-            delta[pos[have] - a] = s - p
-            found += int(have.sum())
+            src[pos[cached_here] - a] = cached(j)[standalone[cached_here]]
+            delta[pos - a] = s - p
             missing += int((~cached_here).sum())
-            if state.probe_layer is not None:
-                probed[pos[cached_here & state.recompute[lo:hi]] - a] = True
-                probe_src.append(cached(j)[standalone[probed[pos - a]]])
-                probe_delta.append(torch.full((int(probed[pos - a].sum()),), s - p, dtype=torch.int64))
-        keep = src < 0
+        recomputed = state.recompute[a:b]  # chunk tokens only: the prefix is never recomputed
+        keep = (src < 0) | recomputed
         if not keep.any():  # an extend computes at least one token: its last gives the logits
             keep[-1] = True
         copy = ~keep
+        found = int(copy[max(p - a, 0):].sum())
+        probed = (src >= 0) & recomputed if state.probe_layer is not None else torch.zeros_like(keep)
         dst = slots.to("cpu", torch.int64)[copy]
-        return RoundPlan(keep, src[copy], dst, delta[copy], found, missing, probed, torch.cat(probe_src),
-                         torch.cat(probe_delta))
+        return RoundPlan(keep, src[copy], dst, delta[copy], found, missing, probed, src[probed], delta[probed])
 
     @staticmethod
     def _cached_slots(tree, ids, extra_key, cache_salt) -> torch.Tensor:
