@@ -8,7 +8,7 @@ streamed at once, and only the window in which all B decode together is timed
 output token and batch tokens/s over that window, with no prefill inside it.
 
     python benchmarks/decode_throughput.py [--lengths 1024 4096 8192 16384] [--batches 1 4]
-        [--dense a2ats_dense torch_native] [--rounds 3] [--graphs off|on|both]
+        [--dense a2ats_dense torch_native] [--rounds 3] [--graphs off|on|both] [--torch-linear]
         (on a GPU: --dense flashinfer)
 
 Each round serves every dense backend, then a2ats, one server at a time (with
@@ -17,7 +17,10 @@ Each round serves every dense backend, then a2ats, one server at a time (with
 median ms/token over rounds (and its range), a2ats's throughput against each dense
 backend run the same way, and with both, each backend's throughput with graphs against
 without, as the median of the per-round ratios (and their range). The server logs'
-capture time and memory of the graph runner are printed and kept in the JSON.
+capture time and memory of the graph runner are printed and kept in the JSON. With
+``--torch-linear``, each a2ats configuration is also served with the CPU platform's linear
+layers as SGLang computes them (``A2ATS_CPU_LINEAR=torch``, no oneDNN-packed weights), as
+``NAME+torch-linear``, and compared with the default.
 Floors: the bytes one decode step must read (the weights once, plus per request the K/V
 it attends and, for a2ats, its codes) at the machine's measured copy bandwidth.
 """
@@ -69,6 +72,7 @@ GRAPH_ARGS = ("--enable-torch-compile", "--cuda-graph-bs-decode")  # + the batch
 # Backends SGLang serves eagerly whatever the flags ("Cuda graph is disabled because of using torch native attention
 # backend"): served once, eagerly, and every configuration is compared with that.
 GRAPHLESS = {"torch_native"}
+TORCH_LINEAR = "+torch-linear"  # a configuration served with A2ATS_CPU_LINEAR=torch
 CAPTURE = re.compile(r"Capture target decode CPU graph end\. bs=\[([\d, ]+)\], elapsed=([\d.]+) s, mem usage=([\d.-]+) GB")
 
 
@@ -84,7 +88,8 @@ def measure(backend, model, base_ids, lengths, batches, new_tokens, extra, env=N
     ctx_max = max(lengths) + TAIL + new_tokens + 64
     args = ["--context-length", ctx_max, "--max-total-tokens", ctx_max + max(batches) * (2 * TAIL + new_tokens + 8) + 4096,
             "--max-running-requests", max(batches), "--decode-log-interval", 1, *extra]
-    cwd = env["PYTHONPATH"] if env else None
+    cwd = env.get("PYTHONPATH") if env else None
+    packed = on_cpu() and not env  # this tree's CPU platform packs the linear layers unless told otherwise
     env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1", **(env or {})}
     rows = []
     with launch_server(model, backend, args, env=env, timeout=600, cwd=cwd) as srv:
@@ -99,6 +104,8 @@ def measure(backend, model, base_ids, lengths, batches, new_tokens, extra, env=N
                 rows.append({"length": length, "batch": b, "tpot_ms": tpot_ms, "tok_s": tok_s})
                 print(f"[{backend}] ctx {length:6d} batch {b}: {rows[-1]['tpot_ms']:8.1f} ms/token, {rows[-1]['tok_s']:7.2f} tok/s", flush=True)
         log = srv.log()
+        if packed and "packed by oneDNN" not in log:
+            raise RuntimeError(f"{backend}'s linear layers were not packed; see {srv.log_path}")
         if GRAPH_ARGS[0] in extra and ("cpu graph: True" not in log or "CPU graph capture failed" in log):
             raise RuntimeError(f"{backend} did not decode under CPU graphs; see {srv.log_path}")
         shares = [float(x) for x in re.findall(r"attended ([\d.]+)% of context \(", log)]
@@ -144,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--a2ats-from", metavar="LABEL=DIR",
                     help="also serve a2ats (eagerly) from DIR, a `pip install --no-deps --target DIR` of another "
                          "revision, as a2ats@LABEL, and compare this tree's a2ats against it")
+    ap.add_argument("--torch-linear", action="store_true",
+                    help="also serve each a2ats configuration with SGLang's own CPU linear layers (A2ATS_CPU_LINEAR=torch)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     model = model_or_default(args.model_path)
@@ -159,10 +168,15 @@ def main(argv=None):
     # (numerator, denominator): the throughput of the first over the second, per round
     pairs = [(f"a2ats{sfx}", d + ("" if d in GRAPHLESS else sfx)) for sfx in suffixes for d in args.dense]
     pairs += [(n + "+graphs", n) for n in [*args.dense, "a2ats"] if n not in GRAPHLESS] if args.graphs == "both" else []
-    other = {}  # a2ats@LABEL -> its server environment
+    other = {}  # a2ats@LABEL or NAME+torch-linear -> its server environment
+    if args.torch_linear:
+        mine = [f"a2ats{sfx}" for sfx in suffixes]
+        other = {n + TORCH_LINEAR: {"A2ATS_CPU_LINEAR": "torch"} for n in mine}
+        backends += list(other)
+        pairs += [(n, n + TORCH_LINEAR) for n in mine]
     if args.a2ats_from:
         label, site = args.a2ats_from.split("=", 1)
-        other = {f"a2ats@{label}": installed_copy_env(Path(site).resolve())}
+        other[f"a2ats@{label}"] = installed_copy_env(Path(site).resolve())
         backends = [*other, *backends]
         pairs += [(f"a2ats{sfx}", f"a2ats@{label}") for sfx in suffixes]
     runs = {name: [] for name in backends}  # per configuration, per round: rows
@@ -170,8 +184,8 @@ def main(argv=None):
     for _ in range(args.rounds):
         copies.append(copy_bandwidth())
         for name in backends:
-            backend = name.removesuffix("+graphs").split("@")[0]  # a2ats@LABEL: a2ats of another revision
-            extra = (args.a2ats_args.split() if backend == "a2ats" else []) + (graph_extra if name.endswith("+graphs") else [])
+            backend = name.split("+")[0].split("@")[0]  # a2ats@LABEL: a2ats of another revision
+            extra = (args.a2ats_args.split() if backend == "a2ats" else []) + (graph_extra if "+graphs" in name else [])
             rows, got, capture = measure(backend, model, base_ids, args.lengths, args.batches, args.new_tokens, extra,
                                          other.get(name))
             runs[name].append(rows)
