@@ -8,7 +8,7 @@ streamed at once, and only the window in which all B decode together is timed
 output token and batch tokens/s over that window, with no prefill inside it.
 
     python benchmarks/decode_throughput.py [--lengths 1024 4096 8192 16384] [--batches 1 4]
-        [--dense a2ats_dense torch_native] [--rounds 3] [--graphs off|on|both] [--torch-linear]
+        [--dense a2ats_dense torch_native] [--rounds 3] [--graphs off|on|both] [--packed-linear]
         (on a GPU: --dense flashinfer)
 
 Each round serves every dense backend, then a2ats, one server at a time (with
@@ -18,9 +18,9 @@ median ms/token over rounds (and its range), a2ats's throughput against each den
 backend run the same way, and with both, each backend's throughput with graphs against
 without, as the median of the per-round ratios (and their range). The server logs'
 capture time and memory of the graph runner are printed and kept in the JSON. With
-``--torch-linear``, each a2ats configuration is also served with the CPU platform's linear
-layers as SGLang computes them (``A2ATS_CPU_LINEAR=torch``, no oneDNN-packed weights), as
-``NAME+torch-linear``, and compared with the default.
+``--packed-linear``, each a2ats configuration is also served with the CPU platform's opt-in
+oneDNN-packed linear layers (``A2ATS_CPU_LINEAR=packed``), as ``NAME+packed-linear``, and
+compared with the default (SGLang's own linear layers).
 Floors: the bytes one decode step must read (the weights once, plus per request the K/V
 it attends and, for a2ats, its codes) at the machine's measured copy bandwidth.
 """
@@ -72,7 +72,7 @@ GRAPH_ARGS = ("--enable-torch-compile", "--cuda-graph-bs-decode")  # + the batch
 # Backends SGLang serves eagerly whatever the flags ("Cuda graph is disabled because of using torch native attention
 # backend"): served once, eagerly, and every configuration is compared with that.
 GRAPHLESS = {"torch_native"}
-TORCH_LINEAR = "+torch-linear"  # a configuration served with A2ATS_CPU_LINEAR=torch
+PACKED_LINEAR = "+packed-linear"  # a configuration served with A2ATS_CPU_LINEAR=packed
 CAPTURE = re.compile(r"Capture target decode CPU graph end\. bs=\[([\d, ]+)\], elapsed=([\d.]+) s, mem usage=([\d.-]+) GB")
 
 
@@ -89,7 +89,7 @@ def measure(backend, model, base_ids, lengths, batches, new_tokens, extra, env=N
     args = ["--context-length", ctx_max, "--max-total-tokens", ctx_max + max(batches) * (2 * TAIL + new_tokens + 8) + 4096,
             "--max-running-requests", max(batches), "--decode-log-interval", 1, *extra]
     cwd = env.get("PYTHONPATH") if env else None
-    packed = on_cpu() and not env  # this tree's CPU platform packs the linear layers unless told otherwise
+    packed = on_cpu() and (env or {}).get("A2ATS_CPU_LINEAR") == "packed"  # this tree's opt-in packed linear layers
     env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1", **(env or {})}
     rows = []
     with launch_server(model, backend, args, env=env, timeout=600, cwd=cwd) as srv:
@@ -151,8 +151,9 @@ def main(argv=None):
     ap.add_argument("--a2ats-from", metavar="LABEL=DIR",
                     help="also serve a2ats (eagerly) from DIR, a `pip install --no-deps --target DIR` of another "
                          "revision, as a2ats@LABEL, and compare this tree's a2ats against it")
-    ap.add_argument("--torch-linear", action="store_true",
-                    help="also serve each a2ats configuration with SGLang's own CPU linear layers (A2ATS_CPU_LINEAR=torch)")
+    ap.add_argument("--packed-linear", action="store_true",
+                    help="also serve each a2ats configuration with the CPU platform's oneDNN-packed linear layers "
+                         "(A2ATS_CPU_LINEAR=packed)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
     model = model_or_default(args.model_path)
@@ -168,16 +169,16 @@ def main(argv=None):
     # (numerator, denominator): the throughput of the first over the second, per round
     pairs = [(f"a2ats{sfx}", d + ("" if d in GRAPHLESS else sfx)) for sfx in suffixes for d in args.dense]
     pairs += [(n + "+graphs", n) for n in [*args.dense, "a2ats"] if n not in GRAPHLESS] if args.graphs == "both" else []
-    other = {}  # a2ats@LABEL or NAME+torch-linear -> its server environment
-    if args.torch_linear:
+    other = {}  # a2ats@LABEL or NAME+packed-linear -> its server environment
+    if args.packed_linear:
         mine = [f"a2ats{sfx}" for sfx in suffixes]
-        other = {n + TORCH_LINEAR: {"A2ATS_CPU_LINEAR": "torch"} for n in mine}
+        other = {n + PACKED_LINEAR: {"A2ATS_CPU_LINEAR": "packed"} for n in mine}
         backends += list(other)
-        pairs += [(n, n + TORCH_LINEAR) for n in mine]
+        pairs += [(n + PACKED_LINEAR, n) for n in mine]
     if args.a2ats_from:
         label, site = args.a2ats_from.split("=", 1)
         other[f"a2ats@{label}"] = installed_copy_env(Path(site).resolve())
-        backends = [*other, *backends]
+        backends = [f"a2ats@{label}", *backends]
         pairs += [(f"a2ats{sfx}", f"a2ats@{label}") for sfx in suffixes]
     runs = {name: [] for name in backends}  # per configuration, per round: rows
     shares, copies, captures = [], [], {}

@@ -7,14 +7,19 @@ than one token re-packs every weight panel on every call (BENCHMARKS.md §23: 27
 captured batch-4 decode step in ``mkl_blas_def_sgemm_scopy_down16_bdz``). Here each such
 weight is reordered once, after loading (:meth:`A2ATSCpuPlatform.post_load_model`), into
 oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied with
-``torch.ops.mkldnn._linear_pointwise`` (BENCHMARKS.md §24 measures both). The plain
+``torch.ops.mkldnn._linear_pointwise``. The plain
 weight of a linear layer is then released; an lm_head whose weight is shared with the
 token embedding keeps it, for the embedding lookups, beside the packed copy.
+
+Opt-in (``A2ATS_CPU_LINEAR=packed``); the default is SGLang's own product. Served on this
+project's VMs (BENCHMARKS.md §24) packing helped only eager batches of several requests
+(1.15x at 2K x 4) and cost eager batch 1 (0.80x) and every captured step (0.58-0.88x under
+SGLang's CPU graph runner, where inductor already handles the plain ``F.linear``).
 
 Scope: float32 weights on CPU under SGLang's unquantized methods (``UnquantizedLinearMethod``,
 and ``UnquantizedEmbeddingMethod`` for the lm_head); any other dtype or quantization is left
 as SGLang computes it. A packed layer's weights cannot be updated in place
-(``/update_weights_from_*``): serve with ``A2ATS_CPU_LINEAR=torch`` for that.
+(``/update_weights_from_*``).
 
 Under ``torch.compile`` (SGLang's CPU graph runner) the product is the custom op
 ``torch.ops.a2ats.packed_linear``, opaque to the compiler (inductor lowers oneDNN's op only
@@ -34,13 +39,13 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 MODE_ENV = "A2ATS_CPU_LINEAR"
-MODES = ("packed", "torch")  # the first is the default
+MODES = ("torch", "packed")  # the first is the default
 
 _PACKED: list[Tensor] = []  # this process's packed weights (oneDNN opaque tensors), indexed by PackedWeight.key
 
 
 def mode() -> str:
-    """``A2ATS_CPU_LINEAR``: ``packed`` (unset) or ``torch``; anything else stops the load."""
+    """``A2ATS_CPU_LINEAR``: ``torch`` (unset) or ``packed``; anything else stops the load."""
     value = os.environ.get(MODE_ENV, MODES[0])
     if value not in MODES:
         raise ValueError(f"{MODE_ENV}={value!r}: expected one of {', '.join(MODES)}")
@@ -120,9 +125,8 @@ class PackedLMHeadMethod(UnquantizedEmbeddingMethod):
 
 def pack_model(model: torch.nn.Module) -> None:
     """Pack, in place, the float32 CPU weights of ``model``'s unquantized linear layers and of
-    its ``lm_head`` (unless ``A2ATS_CPU_LINEAR=torch``); logged once."""
+    its ``lm_head`` when ``A2ATS_CPU_LINEAR=packed``; logged once."""
     if mode() != "packed":
-        logger.info("a2ats CPU platform: %s=torch, linear layers as SGLang computes them", MODE_ENV)
         return
     layers = [m for m in model.modules()
               if type(getattr(m, "quant_method", None)) is UnquantizedLinearMethod and _packable(m)]

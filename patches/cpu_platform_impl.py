@@ -8,8 +8,8 @@ from sglang.srt.platforms.interface import PlatformCapabilities, SRTPlatform
 class A2ATSCpuPlatform(CpuDeviceMixin, SRTPlatform):
     """CPU device operations as an out-of-tree platform: no pinned memory; SGLang's CPU
     graph runner (``--enable-torch-compile``), falling back to eager decode where a
-    configuration cannot be captured (:mod:`.cpu_graph_runner`); float32 linear layers with
-    their weights packed once by oneDNN (:mod:`.cpu_linear`)."""
+    configuration cannot be captured (:mod:`.cpu_graph_runner`); with ``A2ATS_CPU_LINEAR=packed``,
+    float32 linear layers with their weights packed once by oneDNN (:mod:`.cpu_linear`)."""
 
     _enum = PlatformEnum.OOT
     capabilities = PlatformCapabilities(graph_capture=True)

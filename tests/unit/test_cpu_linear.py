@@ -1,4 +1,4 @@
-"""The CPU platform's packed linear layers (:mod:`a2ats_sglang.patches.cpu_linear`) on SGLang's
+"""The CPU platform's packed linear layers (:mod:`a2ats_sglang.patches.cpu_linear`, opt-in) on SGLang's
 own layer classes: the same products as SGLang's unquantized methods, eagerly and under
 torch.compile, the plain weights released except a tied embedding's, other dtypes untouched."""
 
@@ -48,7 +48,7 @@ def _parallel():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_packed_model_computes_what_sglangs_unquantized_methods_compute(tied, monkeypatch):
-    monkeypatch.delenv(cpu_linear.MODE_ENV, raising=False)
+    monkeypatch.setenv(cpu_linear.MODE_ENV, "packed")
     torch.manual_seed(0)
     model = TinyModel(tied)
     ids = {m: torch.randint(0, VOCAB, (m,)) for m in (1, 4, 257)}
@@ -69,7 +69,7 @@ def test_packed_model_computes_what_sglangs_unquantized_methods_compute(tied, mo
 
 
 def test_packed_layers_compile_to_the_eager_result(monkeypatch):
-    monkeypatch.delenv(cpu_linear.MODE_ENV, raising=False)
+    monkeypatch.setenv(cpu_linear.MODE_ENV, "packed")
     torch.manual_seed(1)
     model = TinyModel(tied=True)
     cpu_linear.pack_model(model)
@@ -86,12 +86,16 @@ def test_packed_linear_takes_inputs_of_any_leading_shape_and_layout():
     torch.testing.assert_close(packed(x, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
 
 
-def test_other_dtypes_and_the_torch_mode_are_left_as_sglang_computes_them(monkeypatch):
-    monkeypatch.delenv(cpu_linear.MODE_ENV, raising=False)
+@pytest.mark.parametrize("value", [None, "torch"])
+def test_other_dtypes_and_the_default_mode_are_left_as_sglang_computes_them(value, monkeypatch):
+    monkeypatch.setenv(cpu_linear.MODE_ENV, "packed")
     bf16 = TinyModel(tied=False, dtype=torch.bfloat16)
     cpu_linear.pack_model(bf16)
     assert type(bf16.model.up.quant_method) is UnquantizedLinearMethod
-    monkeypatch.setenv(cpu_linear.MODE_ENV, "torch")
+    if value is None:  # unset: the default
+        monkeypatch.delenv(cpu_linear.MODE_ENV)
+    else:
+        monkeypatch.setenv(cpu_linear.MODE_ENV, value)
     fp32 = TinyModel(tied=False)
     cpu_linear.pack_model(fp32)
     assert type(fp32.model.up.quant_method) is UnquantizedLinearMethod and fp32.model.up.weight.stride() == (HIDDEN, 1)
@@ -99,5 +103,5 @@ def test_other_dtypes_and_the_torch_mode_are_left_as_sglang_computes_them(monkey
 
 def test_an_unknown_mode_stops_the_load(monkeypatch):
     monkeypatch.setenv(cpu_linear.MODE_ENV, "fast")
-    with pytest.raises(ValueError, match="A2ATS_CPU_LINEAR='fast': expected one of packed, torch"):
+    with pytest.raises(ValueError, match="A2ATS_CPU_LINEAR='fast': expected one of torch, packed"):
         cpu_linear.pack_model(TinyModel(tied=True))
