@@ -62,6 +62,10 @@ def server_env(env: dict | None = None) -> dict:
     out = dict(os.environ)
     if on_cpu():
         out.setdefault("SGLANG_PLATFORM", "a2ats_cpu")
+    # Stopping a server (SIGTERM to its group) ends its scheduler first, which SGLang takes for a
+    # crash: it would sleep 5 s "to let GPU activity settle" before py-spy and CUDA core dumps.
+    for name in ("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH"):
+        out.setdefault(name, "0")
     out.pop("TRITON_INTERPRET", None)
     out.update(env or {})
     return out
@@ -74,11 +78,24 @@ class PortTaken(RuntimeError):
     """The server could not bind the port it was given (another process took it first)."""
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM to this process (a benchmark or test run stopped by ``kill`` or a CI
+    timeout) raise SystemExit, so the ``finally`` of every :func:`launch_server` still running
+    stops its server instead of leaving it behind. Only from the main thread, and only where
+    SIGTERM still has its default action (a handler the caller installed is kept)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextmanager
 def launch_server(model_path, backend: str = "a2ats", extra_args=(), env: dict | None = None, timeout: float = 300.0,
                   log_path: Path | None = None, cwd: Path | None = None):
     """Yield a running :class:`Server` (its process in ``cwd``, default this one's); raise
-    RuntimeError with the log tail if it dies or never gets healthy."""
+    RuntimeError with the log tail if it dies or never gets healthy. Stopped on the way out,
+    also when this process gets SIGTERM (:func:`exit_on_sigterm`)."""
+    exit_on_sigterm()
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{backend}-", suffix=".log")[1])
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()

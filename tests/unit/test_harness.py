@@ -1,7 +1,10 @@
-"""The harness that starts real servers: a port taken between finding it and binding it."""
+"""The harness that starts real servers: a port taken between finding it and binding it; a
+run stopped by SIGTERM stops its servers."""
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import textwrap
 
@@ -52,3 +55,29 @@ def test_a_taken_port_raises_port_taken_and_stops_the_process(tmp_path):
             harness.start([sys.executable, "-c", HEALTHY, str(port)], port, tmp_path / "log", dict(os.environ), 30)
     finally:
         taken.close()
+
+
+def test_sigterm_to_a_run_stops_the_servers_it_started(tmp_path):
+    """A script holding a launch_server context gets SIGTERM (a killed benchmark, a CI timeout):
+    it exits through the context's ``finally``, which stops the server process."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from a2ats_sglang.harness import server as harness
+        harness.server_command = lambda model, backend, port, extra: [sys.executable, "-c", {HEALTHY!r}, str(port)]
+        with harness.launch_server("unused", "none", log_path={str(tmp_path / "log")!r}, timeout=30) as srv:
+            print(srv.process.pid, flush=True)
+            time.sleep(300)
+    """)
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(run.stdout.readline())
+    try:
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(60) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.kill(server_pid, 0)  # stopped and reaped by the script on its way out
+    finally:
+        run.kill()
+        try:
+            os.kill(server_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
