@@ -158,7 +158,7 @@ def test_servers_fusion_cannot_serve_stop_at_start(default_model_dir):
     assert code != 0 and "--tp-size 2: one rank only" in out, out[-2000:]
 
 
-def test_offload_fuses_like_on_device(default_model_dir, pool):
+def test_offload_fuses_like_on_device(default_model_dir, fusing, pool):
     """With the full KV in host memory: r = 1 is the full prefill, A³ answers the planted code,
     every chunk token found on a second order, and the decode after a fused prefill (whose
     resident windows hold copied and computed tokens alike) gives on-device's tokens."""
@@ -169,8 +169,7 @@ def test_offload_fuses_like_on_device(default_model_dir, pool):
         full = ask(srv, p, p.marks(ratio=1.0), max_new_tokens=12).json()["text"]
         fused = [ask(srv, x, x.marks(), rid=f"off-{i}", max_new_tokens=12).json()["text"] for i, x in enumerate((p, q))]
         line = fused_line(srv, "off-1")
-    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + FUSION) as on_device:
-        want = [ask(on_device, x, x.marks(), max_new_tokens=12).json()["text"] for x in (p, q)]
+    want = [ask(fusing, x, x.marks(), max_new_tokens=12).json()["text"] for x in (p, q)]
     assert full == plain and p.answer in plain
     assert line["missing"] == 0 and line["reused"] > 0.6 * line["tokens"]
     assert fused == want and all(p.answer in f for f in fused), (fused, want)

@@ -7,7 +7,8 @@ rotation SGLang applies, so every start is also a cross-check of the two.
 Per family: a2ats starts (or stops at start with the reason), answers a prompt its budget
 covers with the dense baseline's greedy tokens (the same weights: SGLang's dummy loader is
 seeded), retrieves on a long prompt with a small budget, logs which layers stay dense; offload
-starts and answers, or stops with the reason."""
+(for the families whose attention shapes differ) answers the covered prompt as dense and the
+long one, or stops with the reason."""
 
 import re
 
@@ -25,6 +26,9 @@ ARGS = ["--load-format", "dummy", "--context-length", str(CONTEXT), "--max-total
         "--decode-log-interval", "1", "--max-running-requests", "4"]
 SPARSE = ["--a2ats-budget", "0.02", "--a2ats-min-tokens", "8", "--a2ats-dense-below", "0"]
 SHORT = "The capital of France is"  # covered by every budget: attended whole
+# Offload served for the families whose attention differs in what the worker holds (head size,
+# GQA ratio, partial rotary); qwen2.5 and mistral attend as llama3.1 does once K/V are written.
+OFFLOAD_FAMILIES = {"llama3.1", "qwen3", "phi3"}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +70,10 @@ def test_family_serves_like_dense_and_retrieves(models, family, layers_line):
         code, log = run_server_expecting_failure(model, "a2ats", ARGS + book + ["--a2ats-offload"])
         assert code != 0 and "a2ats offload: plain causal attention layers only" in log, log[-3000:]
         return
+    if family not in OFFLOAD_FAMILIES:
+        return
     with launch_server(model, "a2ats", ARGS + book + SPARSE + ["--a2ats-offload"]) as off:
-        assert len(generate(off, SHORT, 12, ignore_eos=True)["output_ids"]) == 12
+        assert generate(off, SHORT, 12, ignore_eos=True)["output_ids"] == want["output_ids"]
         assert len(generate(off, long_prompt(), 12, ignore_eos=True)["output_ids"]) == 12
         assert "offload, CPU worker pid" in off.log()
 
