@@ -5,10 +5,11 @@ the family computes (what calibration records), and the server checks them again
 rotation SGLang applies, so every start is also a cross-check of the two.
 
 Per family: a2ats starts (or stops at start with the reason), answers a prompt its budget
-covers with the dense baseline's greedy tokens (the same weights: SGLang's dummy loader is
-seeded), retrieves on a long prompt with a small budget, logs which layers stay dense; offload
-(for the families whose attention shapes differ) answers the covered prompt as dense and the
-long one, or stops with the reason."""
+covers (with the dense baseline's greedy tokens where the attention differs: the same weights,
+SGLang's dummy loader is seeded), retrieves on a long prompt with a small budget, logs which
+layers stay dense; offload (for the families whose attention shapes differ) answers the covered
+prompt as dense and the long one, or stops with the reason (it attends plain causal layers only:
+gemma3)."""
 
 import re
 
@@ -26,9 +27,12 @@ ARGS = ["--load-format", "dummy", "--context-length", str(CONTEXT), "--max-total
         "--decode-log-interval", "1", "--max-running-requests", "4"]
 SPARSE = ["--a2ats-budget", "0.02", "--a2ats-min-tokens", "8", "--a2ats-dense-below", "0"]
 SHORT = "The capital of France is"  # covered by every budget: attended whole
-# Offload served for the families whose attention differs in what the worker holds (head size,
-# GQA ratio, partial rotary); qwen2.5 and mistral attend as llama3.1 does once K/V are written.
+# The dense baseline's tokens compared, and offload served, for the families whose attention
+# differs (head size, GQA ratio, partial rotary; gemma3: sliding layers beside full ones, dense
+# only); qwen2.5 (q/k/v bias) and mistral differ in the model, not in what attention receives
+# once K/V are written: they start, check their codebooks against SGLang's rotation, retrieve.
 OFFLOAD_FAMILIES = {"llama3.1", "qwen3", "phi3"}
+DENSE_FAMILIES = OFFLOAD_FAMILIES | {"gemma3"}
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +61,13 @@ def attended_shares(srv) -> list[float]:
 def test_family_serves_like_dense_and_retrieves(models, family, layers_line):
     model = models(family)
     book = ["--a2ats-codebook", str(model / "codebooks.safetensors")]
-    with launch_server(model, "a2ats_dense", ARGS) as dense:
-        want = generate(dense, SHORT, 12, ignore_eos=True)
+    want = None
+    if family in DENSE_FAMILIES:
+        with launch_server(model, "a2ats_dense", ARGS) as dense:
+            want = generate(dense, SHORT, 12, ignore_eos=True)
     with launch_server(model, "a2ats", ARGS + book + SPARSE) as srv:
-        assert generate(srv, SHORT, 12, ignore_eos=True)["output_ids"] == want["output_ids"]
+        short = generate(srv, SHORT, 12, ignore_eos=True)
+        assert len(short["output_ids"]) == 12 and (want is None or short["output_ids"] == want["output_ids"])
         out = generate(srv, long_prompt(), 12, ignore_eos=True)
         assert out["meta_info"]["prompt_tokens"] > 1000 and len(out["output_ids"]) == 12
         shares = attended_shares(srv)
@@ -81,7 +88,6 @@ def test_family_serves_like_dense_and_retrieves(models, family, layers_line):
 @pytest.mark.parametrize("family, extra, reason", [
     ("deepseek-v2", [], "uses multi-head latent attention (MLA, kv_lora_rank 64)"),
     ("gemma2", [], "attention logit soft-capping (layer 0: cap 50; 4 layers) is not applied by SGLang's CPU attention"),
-    ("gemma2", ["--a2ats-offload"], "a2ats offload: plain causal attention layers only"),
     ("phi3", ["--context-length", "16384"], "re-rotates every key of a batch with its long factors once a position "
                                             "passes 4096"),
 ])

@@ -57,17 +57,16 @@ def tp1(a2ats):
     return answers(a2ats)
 
 
-def test_tensor_parallel_3_answers_as_dense_and_as_one_rank(default_model_dir, tp1):
+def test_tensor_parallel_3_answers_as_dense_and_as_one_rank(default_model_dir, tp1, dense):
     """The default model's 9 query / 3 KV heads over 3 ranks: one KV head and its codebooks
-    per rank. Covered prompts: the dense baseline's tokens at the same TP; long prompts: the
-    planted facts answered, as at TP = 1."""
+    per rank. Covered prompts: the dense baseline's tokens (the session's, at TP = 1: the
+    same tokens as one a2ats rank, so float sums in another order flipped none); long
+    prompts: the planted facts answered, as at TP = 1."""
     tp = ["--tp-size", "3"]
-    with launch_server(default_model_dir, "a2ats_dense", SERVER_ARGS + tp + RANKS_ARGS, env=RANKS_ENV) as dense:
-        dense_covered = [generate(dense, p, 16)["text"] for p in COVERED]
     with launch_server(default_model_dir, "a2ats", SERVER_ARGS + tp + RANKS_ARGS, env=RANKS_ENV) as srv:
         covered, facts = answers(srv)
         log = srv.log()
-    assert covered == dense_covered
+    assert covered == [generate(dense, p, 16)["text"] for p in COVERED]
     assert covered == tp1[0]
     assert all(code in text for (_, code), text in zip(FACTS, facts)), facts
     assert facts == tp1[1]  # the same tokens as one rank (float sums in another order did not flip a token here)

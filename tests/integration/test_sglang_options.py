@@ -33,8 +33,9 @@ def dense_covered(dense):
 
 
 @pytest.mark.parametrize("mode", [[], ["--a2ats-offload"]], ids=["on-device", "offload"])
-@pytest.mark.parametrize("option", [["--page-size", "4"], ["--enable-mixed-chunk", "--chunked-prefill-size", "256"],
-                                    ["--disable-radix-cache"]], ids=["page-size-4", "mixed-chunk", "no-radix-cache"])
+@pytest.mark.parametrize("option", [["--page-size", "4"],
+                                    ["--enable-mixed-chunk", "--chunked-prefill-size", "256", "--disable-radix-cache"]],
+                         ids=["page-size-4", "mixed-chunk-no-radix-cache"])
 def test_option_serves_like_dense(default_model_dir, dense_covered, option, mode):
     with launch_server(default_model_dir, "a2ats", SERVER_ARGS + option + mode) as srv:
         long, covered = together(srv)
