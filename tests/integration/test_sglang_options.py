@@ -32,10 +32,16 @@ def dense_covered(dense):
     return [generate(dense, p, 16)["text"] for p in COVERED]
 
 
-@pytest.mark.parametrize("mode", [[], ["--a2ats-offload"]], ids=["on-device", "offload"])
-@pytest.mark.parametrize("option", [["--page-size", "4"],
-                                    ["--enable-mixed-chunk", "--chunked-prefill-size", "256", "--disable-radix-cache"]],
-                         ids=["page-size-4", "mixed-chunk-no-radix-cache"])
+OFFLOAD = ["--a2ats-offload"]
+PAGE_SIZE_4, MIXED_CHUNK = ["--page-size", "4"], ["--enable-mixed-chunk", "--chunked-prefill-size", "256"]
+
+
+# Paged and mixed-chunk batches with the radix cache (the default) in both modes; without the
+# radix cache once, with offload, whose host pool then frees a request's KV as it finishes.
+@pytest.mark.parametrize("option, mode", [(PAGE_SIZE_4, []), (PAGE_SIZE_4, OFFLOAD), (MIXED_CHUNK, []),
+                                          (MIXED_CHUNK, OFFLOAD), (["--disable-radix-cache"], OFFLOAD)],
+                         ids=["page-size-4-on-device", "page-size-4-offload", "mixed-chunk-on-device",
+                              "mixed-chunk-offload", "no-radix-cache-offload"])
 def test_option_serves_like_dense(default_model_dir, dense_covered, option, mode):
     with launch_server(default_model_dir, "a2ats", SERVER_ARGS + option + mode) as srv:
         long, covered = together(srv)
@@ -63,7 +69,7 @@ def test_option_a2ats_cannot_serve_with_stops_at_start(default_model_dir, option
 
 @pytest.fixture(scope="module")
 def offload(default_model_dir):
-    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + ["--a2ats-offload"]) as srv:
+    with launch_server(default_model_dir, "a2ats", SERVER_ARGS + OFFLOAD) as srv:
         yield srv
 
 
