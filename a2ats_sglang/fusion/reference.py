@@ -17,7 +17,8 @@ Steps (A³, arXiv 2511.17560, as this project implements it):
    position-free. This equals the chunk's KV computed at that position without cross-chunk
    attention.
 3. **Selection**: a method (:mod:`a2ats_sglang.fusion.selection`) picks ``ratio`` of the chunk
-   tokens from what it measures on the fused KV (A³: the question's attention over it).
+   tokens from what it measures on the fused KV (A³: the question's attention over it),
+   never in the first chunk, whose fused KV is exact.
 4. **Selective recomputation**: the picked tokens and the question go through the whole model
    at their true positions, each attending causally (by position) to the fused KV of the
    tokens not recomputed and to the fresh KV of those recomputed; their new K/V replace the
@@ -251,6 +252,7 @@ class Measurements:
         self.engine, self.prompt = engine, prompt
         self.fused = engine.fused_kv(prompt)
         self.chunk_positions = torch.arange(len(prompt.prefix), prompt.chunk_end)
+        self.exact = self.chunk_positions < len(prompt.prefix) + len(prompt.chunks[0])  # prefilled where it stands
         self.token_layers = 0  # the measurements' own cost
 
     def question_attention(self) -> list[torch.Tensor]:

@@ -1,6 +1,9 @@
 """Which chunk tokens a fused prompt recomputes: one small class per method, each turning
-what it measured into a score per chunk token; the top ``ratio`` of the chunk tokens by
-score are recomputed (ties to the earlier position).
+what it measured into a score per chunk token. The budget is ``round(ratio * n)`` of the n
+chunk tokens, spent on the highest-scoring tokens whose fused KV can differ from the full
+prefill's (ties to the earlier position): the first chunk, right after the shared prefix, is
+at the place it was prefilled at, so its fused KV is already exact and recomputing it would
+change nothing (:attr:`FusionContext.exact`).
 
 - :class:`A3`: attention the question pays each chunk token over the fused KV, summed over
   query heads, question tokens and layers (A³, arXiv 2511.17560: recompute what the
@@ -28,17 +31,22 @@ from a2ats_sglang.core.retrieval import WRoPERotation, approx_scores, distance_b
 from a2ats_sglang.core.rope import RopeSpec
 
 
-def top_ratio(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+def top_ratio(scores: torch.Tensor, ratio: float, exact: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (int64, ascending) of the ``round(ratio * n)`` highest of ``scores`` float
-    [n]; equal scores go to the earlier index."""
+    [n] (equal scores to the earlier index), none of them where ``exact`` (bool [n]) is set:
+    the budget counts every token, and is spent on the others (all of them if it exceeds them)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"recompute ratio must be in [0, 1], got {ratio}")
     n = scores.numel()
     k = round(ratio * n)
+    scores = scores.float()
+    if exact is not None:
+        k = min(k, n - int(exact.sum()))
+        scores = scores.masked_fill(exact.to(scores.device), float("-inf"))
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=scores.device)
     # stable descending sort: among equal scores the earlier index comes first
-    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
     return order.sort().values
 
 
@@ -91,9 +99,11 @@ def kv_deviation_scores(fused_k: torch.Tensor, fused_v: torch.Tensor, fresh_k: t
 
 class FusionContext(Protocol):
     """What a method may measure on one fused prompt (the engine computes each on demand).
-    chunk_positions: int64 [n], the positions of the chunk tokens in the prompt."""
+    chunk_positions: int64 [n], the positions of the chunk tokens in the prompt; exact: bool
+    [n], those whose fused KV is already the full prefill's (the first chunk's), never chosen."""
 
     chunk_positions: torch.Tensor
+    exact: torch.Tensor
 
     def question_attention(self) -> list[torch.Tensor]:
         """Per layer float [1, Hq, Tq, Tkv]: the question's attention over the fused KV."""
@@ -128,7 +138,7 @@ class A3:
 
     def choose(self, ctx: FusionContext, ratio: float) -> torch.Tensor:
         scores = question_attention_scores(ctx.question_attention(), ctx.chunk_positions)
-        return ctx.chunk_positions[top_ratio(scores, ratio)]
+        return ctx.chunk_positions[top_ratio(scores, ratio, ctx.exact)]
 
 
 class A3Lut:
@@ -150,7 +160,7 @@ class A3Lut:
             raise ValueError(f"a3-lut: codebooks for {len(self.layers)} layers, the model has {len(queries)}")
         scores = sum(lut_attention_scores(q, q_pos, ctx.keys(i), ctx.chunk_positions, self.layers[i], self.books.rope,
                                           self.books.distances, scale) for i, q in enumerate(queries))
-        return ctx.chunk_positions[top_ratio(scores, ratio)]
+        return ctx.chunk_positions[top_ratio(scores, ratio, ctx.exact)]
 
 
 class CacheBlend:
@@ -167,5 +177,5 @@ class CacheBlend:
 
     def choose(self, ctx: FusionContext, ratio: float) -> torch.Tensor:
         scores = kv_deviation_scores(*ctx.fused_kv(self.layer), *ctx.fresh_kv(self.layer))
-        return ctx.chunk_positions[top_ratio(scores, ratio)]
+        return ctx.chunk_positions[top_ratio(scores, ratio, ctx.exact)]
 

@@ -258,14 +258,15 @@ class FusionPlanner:
                 probe_layer = CacheBlend().layer
         elif layout.ratio >= 1.0:
             recompute[chunk] = True
-        elif layout.ratio > 0.0 and layout.method in SCORED_METHODS:
+        elif layout.ratio > 0.0 and layout.method in SCORED_METHODS and len(layout.spans) > 1:  # one chunk: exact
             measured = SCORES.take(layout.fusion_id)
             if measured is None or measured.numel() != n:
                 logger.warning("a2ats fusion: request %s: no scoring pass found (%s); every chunk token is recomputed",
                                req.rid, layout.fusion_id)
                 recompute[chunk] = True
-            else:
-                recompute[chunk[top_ratio(measured.cpu()[chunk], layout.ratio)]] = True
+            else:  # the first chunk, right after the prefix, is where it was prefilled: exact, never chosen
+                exact = torch.arange(chunk.numel()) < layout.spans[0][1] - layout.spans[0][0]
+                recompute[chunk[top_ratio(measured.cpu()[chunk], layout.ratio, exact)]] = True
         state = RequestFusion(layout, recompute, scores, probe_layer)
         req.a2ats_fusion = state
         return state

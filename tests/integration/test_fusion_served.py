@@ -83,8 +83,8 @@ def test_chunks_reused_in_other_orders_and_the_planted_fact_answered(fusing, poo
 def test_cacheblend_recomputes_where_the_fused_kv_deviates(fusing, pool):
     """CacheBlend-style selection served: its scoring pass computes every chunk token and
     compares K/V at layer 1; the first chunk (right after the shared prefix, where its fused
-    KV is its exact KV) gets none of the recomputation, the later chunks all of it; with A³
-    on the same prompt the first chunk gets some. The planted code is still answered."""
+    KV is its exact KV) gets none of the recomputation, the later chunks all of it, and so
+    with A³ on the same prompt, at the same budget. The planted code is still answered."""
     p = rag_prompt(pool, 4, 12)
     plain = ask(fusing, p, None).json()["text"]
     blend = ask(fusing, p, p.marks(method="cacheblend"), rid="blend").json()["text"]
@@ -94,8 +94,22 @@ def test_cacheblend_recomputes_where_the_fused_kv_deviates(fusing, pool):
     assert final["chosen"][0] == 0 and sum(final["chosen"]) == round(0.15 * chunk_tokens), final
     assert final["reused"] == chunk_tokens - sum(final["chosen"]) and final["missing"] == 0
     ask(fusing, p, p.marks(), rid="a3-same")
-    assert fused_line(fusing, "a3-same")["chosen"][0] > 0
+    a3 = fused_line(fusing, "a3-same")["chosen"]
+    assert a3[0] == 0 and sum(a3) == sum(final["chosen"]), (a3, final)
     assert p.answer in plain and p.answer in blend, (plain, blend)
+
+
+def test_a_single_chunk_is_exact_and_needs_no_scoring_pass(fusing, pool):
+    """One chunk right after the shared prefix is where it was prefilled: its fused KV is
+    exact, so at the default ratio nothing is recomputed, no scoring pass is sent, and the
+    answer is the plain request's."""
+    p = rag_prompt(pool, 1, 14)
+    plain = ask(fusing, p, None).json()["text"]
+    fused = ask(fusing, p, p.marks(), rid="single").json()["text"]
+    line = fused_line(fusing, "single")
+    assert line["chosen"] == [0] and line["missing"] == 0 and line["reused"] > 100, line
+    assert "request single.a2ats-score" not in fusing.log()
+    assert fused == plain and p.answer in fused, (plain, fused)
 
 
 def test_fused_and_plain_requests_in_flight_together(fusing, pool):

@@ -109,6 +109,9 @@ def test_top_ratio_takes_the_highest_and_ties_to_the_earlier():
     assert top_ratio(s, 1.0).tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="recompute ratio must be in"):
         top_ratio(s, 1.5)
+    exact = torch.tensor([False, False, False, True, False])
+    assert top_ratio(s, 0.4, exact).tolist() == [1, 2]  # the budget counts all 5, spent off the exact one
+    assert top_ratio(s, 1.0, exact).tolist() == [0, 1, 2, 4]
 
 
 def test_bad_prompts_and_settings_are_refused():
