@@ -53,32 +53,38 @@ def paragraph_pool(tok, n: int, lo: int, hi: int) -> list[list[int]]:
     raise RuntimeError(f"only {len(pool)} paragraphs of at least {lo} tokens")
 
 
-def plant(tok, chunk: list[int], sentence: str, rng: random.Random) -> list[int]:
-    """``chunk`` with ``sentence`` inserted at a paragraph-internal token boundary."""
+def plant(tok, chunk: list[int], sentence: str, rng: random.Random) -> tuple[list[int], range]:
+    """``chunk`` with ``sentence`` inserted at a paragraph-internal token boundary, and the
+    inserted tokens' indices in it."""
     cut = rng.randrange(len(chunk) // 4, 3 * len(chunk) // 4)
-    return chunk[:cut] + tok(" " + sentence + " ", add_special_tokens=False)["input_ids"] + chunk[cut:]
+    ids = tok(" " + sentence + " ", add_special_tokens=False)["input_ids"]
+    return chunk[:cut] + ids + chunk[cut:], range(cut, cut + len(ids))
 
 
-def make_prompt(tok, pool, k: int, i: int) -> tuple[FusedPrompt, str]:
+def make_prompt(tok, pool, k: int, i: int) -> tuple[FusedPrompt, str, torch.Tensor]:
+    """Prompt ``i`` (a fact in one chunk for even ``i``, split over two for odd), its planted
+    code, and the positions (int64, ascending) of the planted sentences' tokens in it."""
     rng = random.Random(i)
     chunks = [list(c) for c in rng.sample(pool, k)]
     name, code = rng.choice(NAMES), str(rng.randrange(1000, 10000))
     if i % 2 == 0:  # the answer in one chunk
-        j = rng.randrange(k)
-        chunks[j] = plant(tok, chunks[j], f"The secret code of {name} is {code}.", rng)
+        planted = {rng.randrange(k): f"The secret code of {name} is {code}."}
         question = f"What is the secret code of {name}?"
         lead = f"The secret code of {name} is"
     else:  # the answer needs two chunks
         town = rng.choice(TOWNS)
         a, b = rng.sample(range(k), 2)
-        chunks[a] = plant(tok, chunks[a], f"{name} lives in the town of {town}.", rng)
-        chunks[b] = plant(tok, chunks[b], f"The secret code of the town of {town} is {code}.", rng)
+        planted = {a: f"{name} lives in the town of {town}.", b: f"The secret code of the town of {town} is {code}."}
         question = f"What is the secret code of the town where {name} lives?"
         lead = "The secret code of that town is"
+    inserted = {}
+    for j, sentence in planted.items():
+        chunks[j], inserted[j] = plant(tok, chunks[j], sentence, rng)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt = FusedPrompt(enc("Answer the question from the documents below.\n\n"), chunks,
                          enc(f"Question: {question}\nAnswer: {lead}"))
-    return prompt, code
+    facts = sorted(prompt.chunk_starts[j] + t for j, run in inserted.items() for t in run)
+    return prompt, code, torch.tensor(facts, dtype=torch.int64)
 
 
 def model_codebooks(model_dir, model, engine: FusionEngine) -> Codebooks:
@@ -128,7 +134,7 @@ def main(argv=None):
     full_rows = []
     t0 = time.time()
     for i in range(args.prompts):
-        prompt, code = make_prompt(tok, pool, args.chunks, i)
+        prompt, code, _ = make_prompt(tok, pool, args.chunks, i)
         for c in prompt.chunks:  # chunk KV is computed once and reused; not part of any prompt's time
             engine.chunk_kv(prompt.prefix, c)
         t = time.perf_counter()

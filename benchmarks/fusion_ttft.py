@@ -9,7 +9,8 @@ round, per chunk count, per question: a prompt of that many passages in a random
 question; sent as a plain request (the baseline: SGLang's radix cache reuses what it can, the
 instruction and the first passage), then fused with naive concatenation and with A³ at each
 ratio, each ``max_new_tokens=1`` (its latency is the TTFT, admission included: the passages'
-cache-hit prefills, A³'s scoring pass and the final request). Every prompt is new to every
+cache-hit prefills, A³'s scoring pass and the final request; a single passage is served as a
+plain request, its prefix and passage found in the radix cache). Every prompt is new to every
 radix namespace it is sent to. Per round, the ratio of TTFTs on the same prompts; reported:
 median over rounds with the range, the first token's agreement with the baseline, the
 share of the prompt computed (the scheduler's per-request lines) and the TTFT bound that share
@@ -51,11 +52,13 @@ def post(url, prompt, marks=None, rid=None) -> tuple[float, dict]:
     return time.perf_counter() - t, r.json()
 
 
-def computed(log: str, rid: str) -> int:
+def computed(log: str, rid: str, meta: dict) -> int:
     """Tokens the scheduler computed for request ``rid``: its scoring pass (``rid.a2ats-score``)
-    and its final extend."""
+    and its final extend, or for a request served plain (a single chunk) the prompt tokens its
+    radix match (``meta``: its reply's ``meta_info``) did not cover."""
     lines = re.findall(r"a2ats fusion: request (\S+) \((?:final|scoring pass)\) positions \d+-\d+: (\d+) computed", log)
-    return sum(int(n) for r, n in lines if r in (rid, rid + ".a2ats-score"))
+    fused = [int(n) for r, n in lines if r in (rid, rid + ".a2ats-score")]
+    return sum(fused) if fused else meta["prompt_tokens"] - meta["cached_tokens"]
 
 
 def main(argv=None):
@@ -102,7 +105,7 @@ def main(argv=None):
                         runs[k][f"{m}@{r:g}"].append({
                             "round": rnd, "seed": seed, "seconds": s, "ratio_to_full": base_s / s,
                             "top1": out["meta_info"]["output_top_logprobs"][0][0][1] == top,
-                            "computed": computed(srv.log(), rid), "tokens": tokens})
+                            "computed": computed(srv.log(), rid, out["meta_info"]), "tokens": tokens})
                 full_s = statistics.median(x["seconds"] for x in full[k] if x["round"] == rnd)
                 speedups = ", ".join(f"{v} {round_medians(rs)[rnd]:.2f}x" for v, rs in runs[k].items())
                 print(f"[bench] round {rnd + 1} {k} chunks: full {full_s:.2f}s, {speedups} ({time.time() - t0:.0f}s)",

@@ -12,16 +12,21 @@ as up to three kinds of ordinary SGLang requests, in order:
 3. the request itself, with its layout and the fused radix namespace, whose replies are the
    client's.
 
-A request without marks goes straight to SGLang. Bad marks raise :class:`~.marks.FusionMarkError`
+A request with a single chunk is sent plain (step 3 without fusion): right after the shared
+prefix the chunk sits where it is prefilled alone, so its fused KV would be the full prefill's,
+which SGLang's radix cache already reuses. A request without marks goes straight to SGLang. Bad marks raise :class:`~.marks.FusionMarkError`
 (a ``ValueError``: SGLang answers HTTP 400 with its message) before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 from a2ats_sglang.fusion.marks import CLIENT_KEYS, EXTRA_KEY_TAG, ChunkMarks, FusedLayout, FusionMarkError, locate_chunks
+
+logger = logging.getLogger(__name__)
 
 
 def marks_of(obj, default_ratio: float) -> ChunkMarks | None:
@@ -59,6 +64,15 @@ async def fused_generate(original, manager, obj, request, default_ratio: float, 
                               "reused chunk tokens are not computed")
     chunks = [manager.tokenizer.encode(c, add_special_tokens=False) for c in marks.chunks]
     spans = locate_chunks(ids, chunks)
+    custom = {k: v for k, v in (params.get("custom_params") or {}).items() if k not in CLIENT_KEYS}
+    obj.input_ids, obj.text = ids, None
+    if len(spans) == 1:  # right after the prefix, where it is prefilled alone: its KV is the full prefill's
+        logger.info("a2ats fusion: request %s: one chunk, served as a plain request (SGLang's radix cache reuses "
+                    "the prefix and chunk exactly)", obj.rid)
+        obj.sampling_params = {**params, "custom_params": custom or None}
+        async for reply in original(manager, obj, request):
+            yield reply
+        return
     prefix = ids[:spans[0][0]]
     base = {"lora_path": obj.lora_path, "extra_key": obj.extra_key, "cache_salt": obj.cache_salt}
     await asyncio.gather(*(_prefill(original, manager, prefix + ids[s:e], **base) for s, e in spans))
@@ -69,9 +83,7 @@ async def fused_generate(original, manager, obj, request, default_ratio: float, 
         rid = f"{obj.rid}.a2ats-score" if isinstance(obj.rid, str) else None  # named after the client's request
         await _prefill(original, manager, ids, custom_params=layout.to_params(), rid=rid, **namespace)
     layout = FusedLayout(tuple(spans), marks.ratio, marks.method, False, fusion_id)
-    custom = {k: v for k, v in (params.get("custom_params") or {}).items() if k not in CLIENT_KEYS}
     obj.sampling_params = {**params, "custom_params": {**custom, **layout.to_params()}}
-    obj.input_ids, obj.text = ids, None
     obj.extra_key = namespace["extra_key"]
     async for reply in original(manager, obj, request):
         yield reply

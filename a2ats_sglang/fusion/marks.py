@@ -84,9 +84,8 @@ class ChunkMarks:
     @property
     def needs_scoring(self) -> bool:
         """Whether a scoring pass must measure the chunk tokens first (A³'s question attention,
-        CacheBlend's K/V deviation) to choose some but not all of them (a single chunk, right
-        after the shared prefix, is exact: nothing to choose)."""
-        return self.method in SCORED_METHODS and 0.0 < self.ratio < 1.0 and len(self.chunks) > 1
+        CacheBlend's K/V deviation) to choose some but not all of them."""
+        return self.method in SCORED_METHODS and 0.0 < self.ratio < 1.0
 
 
 def locate_chunks(prompt: Sequence[int], chunks: Sequence[Sequence[int]]) -> list[tuple[int, int]]:

@@ -258,7 +258,7 @@ class FusionPlanner:
                 probe_layer = CacheBlend().layer
         elif layout.ratio >= 1.0:
             recompute[chunk] = True
-        elif layout.ratio > 0.0 and layout.method in SCORED_METHODS and len(layout.spans) > 1:  # one chunk: exact
+        elif layout.ratio > 0.0 and layout.method in SCORED_METHODS:
             measured = SCORES.take(layout.fusion_id)
             if measured is None or measured.numel() != n:
                 logger.warning("a2ats fusion: request %s: no scoring pass found (%s); every chunk token is recomputed",

@@ -99,17 +99,21 @@ def test_cacheblend_recomputes_where_the_fused_kv_deviates(fusing, pool):
     assert p.answer in plain and p.answer in blend, (plain, blend)
 
 
-def test_a_single_chunk_is_exact_and_needs_no_scoring_pass(fusing, pool):
-    """One chunk right after the shared prefix is where it was prefilled: its fused KV is
-    exact, so at the default ratio nothing is recomputed, no scoring pass is sent, and the
-    answer is the plain request's."""
+def test_a_single_chunk_is_served_as_a_plain_request(fusing, pool):
+    """One chunk right after the shared prefix is where it is prefilled alone: fusing it would
+    give the full prefill's KV, so the request goes to SGLang plain (no chunk prefill, no
+    scoring pass, no fused extend), its prefix and chunk reused by the radix cache; its marks
+    are still checked."""
     p = rag_prompt(pool, 1, 14)
-    plain = ask(fusing, p, None).json()["text"]
-    fused = ask(fusing, p, p.marks(), rid="single").json()["text"]
-    line = fused_line(fusing, "single")
-    assert line["chosen"] == [0] and line["missing"] == 0 and line["reused"] > 100, line
-    assert "request single.a2ats-score" not in fusing.log()
-    assert fused == plain and p.answer in fused, (plain, fused)
+    plain = ask(fusing, p, None).json()
+    fused = ask(fusing, p, p.marks(), rid="single").json()
+    log = fusing.log()
+    assert "a2ats fusion: request single: one chunk, served as a plain request" in log
+    assert "a2ats fusion: request single " not in log and "single.a2ats-score" not in log
+    assert fused["meta_info"]["cached_tokens"] >= fused["meta_info"]["prompt_tokens"] - 1
+    assert fused["text"] == plain["text"] and p.answer in fused["text"], (plain, fused)
+    bad = ask(fusing, p, {**p.marks(), "a2ats_recompute_ratio": -1})
+    assert bad.status_code == 400 and "in [0, 1]" in bad.json()["error"]["message"]
 
 
 def test_fused_and_plain_requests_in_flight_together(fusing, pool):

@@ -26,7 +26,6 @@ def test_marks_parsed_with_the_server_default_ratio_and_bad_ones_refused():
     assert not ChunkMarks.of({"a2ats_chunks": ["a"], "a2ats_recompute_ratio": 1}, 0.15).needs_scoring
     assert not ChunkMarks.of({"a2ats_chunks": ["a"], "a2ats_fusion_method": "naive"}, 0.15).needs_scoring
     assert ChunkMarks.of({"a2ats_chunks": ["a", "b"], "a2ats_fusion_method": "cacheblend"}, 0.15).needs_scoring
-    assert not ChunkMarks.of({"a2ats_chunks": ["a"]}, 0.15).needs_scoring  # one chunk after the prefix: exact
     for params, message in [
         ({"a2ats_chunks": []}, "non-empty list"), ({"a2ats_chunks": "text"}, "non-empty list"),
         ({"a2ats_chunks": ["a", " \n"]}, "a2ats_chunks[1] is empty"),
