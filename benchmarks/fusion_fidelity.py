@@ -37,7 +37,7 @@ from a2ats_sglang.fusion.reference import FusedPrompt, FusionEngine
 from a2ats_sglang.core.codebook import Codebooks, ModelShape, default_codebook_path
 from a2ats_sglang.fusion.selection import A3, A3Lut, CacheBlend, Naive
 from a2ats_sglang.harness.default_model import build_default_model
-from a2ats_sglang.harness.rag import NAMES, TOWNS, answered_share
+from a2ats_sglang.harness.rag import NAMES, TOWNS, answered_share, facts_answered
 
 
 
@@ -166,9 +166,8 @@ def main(argv=None):
              f"{args.chunks} chunks of {args.chunk_tokens[0]}-{args.chunk_tokens[1]} tokens from a pool of {args.pool} "
              f"Wikipedia paragraphs (median prompt {statistics.median(r['tokens'] for r in full_rows)} tokens); "
              f"{platform.machine()}, CPU; {date.today()}.", "",
-             f"Full prefill: planted facts answered {answered_share(full_rows, False):.2f} (one chunk), "
-             f"{answered_share(full_rows, True):.2f} "
-             f"(two chunks); median {statistics.median(r['seconds'] for r in full_rows):.2f} s per prompt.", "",
+             f"Full prefill: {facts_answered(full_rows)}; median "
+             f"{statistics.median(r['seconds'] for r in full_rows):.2f} s per prompt.", "",
              f"| method @ ratio | mean KL to full (nats) | median KL | first token = full | first {args.gen_tokens} "
              f"tokens = full | facts, one chunk | facts, two chunks | compute share | reference speedup (median) | "
              f"A³'s tokens also chosen (mean) |",

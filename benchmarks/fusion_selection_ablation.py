@@ -34,7 +34,7 @@ from offload_memory import write_results
 from a2ats_sglang.fusion.reference import FusionEngine
 from a2ats_sglang.fusion.selection import question_attention_scores, top_ratio
 from a2ats_sglang.harness.default_model import build_default_model
-from a2ats_sglang.harness.rag import answered_share
+from a2ats_sglang.harness.rag import answered_share, facts_answered
 
 
 def value_norm_scores(attentions, fused, chunk_positions: torch.Tensor) -> torch.Tensor:
@@ -94,17 +94,16 @@ def main(argv=None):
             run(f"a3-first-chunk@{r:g}", cp[top_ratio(mass, r)])
         if (i + 1) % 10 == 0:
             print(f"[bench] {i + 1}/{args.prompts} prompts, {time.time() - t0:.0f}s", flush=True)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     lines = [f"Model `{Path(model_dir).name}` (transformers, SDPA, float32); {args.prompts} prompts of {args.chunks} "
              f"chunks of 256-512 tokens from a pool of 32 Wikipedia paragraphs; {platform.machine()}, CPU; "
              f"{date.today()}; {time.time() - t0:.0f} s.", "",
-             f"Full prefill: planted facts answered {answered_share(full_rows, False):.2f} (one chunk), "
-             f"{answered_share(full_rows, True):.2f} (two chunks). Planted tokens outside the first chunk that a3 "
-             f"chose: " + ", ".join(f"{mean(v):.2f} at r = {r:g}" for r, v in fact_share.items()) + ".", "",
+             f"Full prefill: {facts_answered(full_rows)}. Planted tokens outside the first chunk that a3 "
+             f"chose: " + ", ".join(f"{statistics.fmean(v):.2f} at r = {r:g}" for r, v in fact_share.items()) + ".", "",
              "| variant @ ratio | mean KL to full (nats) | median KL | facts, one chunk | facts, two chunks |",
              "|---|---|---|---|---|"]
     for key, rs in rows.items():
-        lines.append(f"| {key} | {mean([r['kl'] for r in rs]):.4f} | {statistics.median(r['kl'] for r in rs):.4f} | "
+        kls = [r["kl"] for r in rs]
+        lines.append(f"| {key} | {statistics.fmean(kls):.4f} | {statistics.median(kls):.4f} | "
                      f"{answered_share(rs, False):.2f} | {answered_share(rs, True):.2f} |")
     write_results(args.out, "fusion_selection_ablation", "\n".join(lines), {"full": full_rows, "variants": rows})
     plot(rows, args.out / "fusion_selection_ablation.png")

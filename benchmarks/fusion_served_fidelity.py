@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_memory import write_results  # noqa: E402
 
 from a2ats_sglang.harness.default_model import model_or_default  # noqa: E402
-from a2ats_sglang.harness.rag import answered_share, paragraphs, rag_prompt  # noqa: E402
+from a2ats_sglang.harness.rag import answered_share, facts_answered, paragraphs, rag_prompt  # noqa: E402
 from a2ats_sglang.harness.server import launch_server  # noqa: E402
 
 TOP = 20
@@ -101,8 +101,7 @@ def main(argv=None):
     lines = [f"Model `{Path(model).name}` served by a2ats with `--a2ats-chunk-fusion`; {args.prompts} prompts of "
              f"{args.chunks} passages of 256-512 tokens from a pool of 32 (median prompt "
              f"{statistics.median(r['tokens'] for r in full_rows)} tokens); {platform.machine()}, {date.today()}.", "",
-             f"Full prefill: planted facts answered {answered_share(full_rows, False):.2f} (one chunk), "
-             f"{answered_share(full_rows, True):.2f} (two chunks).", "",
+             f"Full prefill: {facts_answered(full_rows)}.", "",
              f"| method @ ratio | mean KL to full (nats, top-{TOP} + rest) | median KL | first token = full | first "
              f"{args.gen_tokens} tokens = full | facts, one chunk | facts, two chunks |",
              "|---|---|---|---|---|---|---|"]

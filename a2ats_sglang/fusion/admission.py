@@ -14,8 +14,9 @@ as up to three kinds of ordinary SGLang requests, in order:
 
 A request with a single chunk is sent plain (step 3 without fusion): right after the shared
 prefix the chunk sits where it is prefilled alone, so its fused KV would be the full prefill's,
-which SGLang's radix cache already reuses. A request without marks goes straight to SGLang. Bad marks raise :class:`~.marks.FusionMarkError`
-(a ``ValueError``: SGLang answers HTTP 400 with its message) before anything is sent.
+which SGLang's radix cache already reuses. A request without marks goes straight to SGLang.
+Bad marks raise :class:`~.marks.FusionMarkError` (a ``ValueError``: SGLang answers HTTP 400
+with its message) before anything is sent.
 """
 
 from __future__ import annotations

@@ -101,3 +101,8 @@ def answered_share(rows: list[dict], two_hop: bool) -> float:
     picked = [r["answered"] for r in rows if r["two_chunk"] == two_hop]
     return sum(picked) / len(picked)
 
+
+def facts_answered(rows: list[dict]) -> str:
+    """"planted facts answered X (one chunk), Y (two chunks)" for ``rows`` (see :func:`answered_share`)."""
+    return (f"planted facts answered {answered_share(rows, False):.2f} (one chunk), "
+            f"{answered_share(rows, True):.2f} (two chunks)")
