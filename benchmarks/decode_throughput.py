@@ -41,7 +41,7 @@ from pathlib import Path
 import requests
 
 from a2ats_sglang.core.codebook import ModelShape
-from a2ats_sglang.harness.default_model import model_or_default
+from a2ats_sglang.harness.offline_models import model_or_default
 from a2ats_sglang.harness.server import launch_server, on_cpu, stream_token_times
 from a2ats_sglang.calibration.texts import long_text
 

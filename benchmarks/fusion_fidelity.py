@@ -36,7 +36,7 @@ from a2ats_sglang.calibration.texts import wiki_split
 from a2ats_sglang.fusion.reference import FusedPrompt, FusionEngine
 from a2ats_sglang.core.codebook import Codebooks, ModelShape, default_codebook_path
 from a2ats_sglang.fusion.selection import A3, A3Lut, CacheBlend, Naive
-from a2ats_sglang.harness.default_model import build_default_model
+from a2ats_sglang.harness.offline_models import build_default_model
 from a2ats_sglang.harness.rag import NAMES, TOWNS, answered_share, facts_answered
 
 

@@ -33,7 +33,7 @@ from offload_memory import write_results
 
 from a2ats_sglang.fusion.reference import FusionEngine
 from a2ats_sglang.fusion.selection import question_attention_scores, top_ratio
-from a2ats_sglang.harness.default_model import build_default_model
+from a2ats_sglang.harness.offline_models import build_default_model
 from a2ats_sglang.harness.rag import answered_share, facts_answered
 
 

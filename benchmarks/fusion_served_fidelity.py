@@ -32,11 +32,12 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_memory import write_results  # noqa: E402
 
-from a2ats_sglang.harness.default_model import model_or_default  # noqa: E402
+from a2ats_sglang.harness.offline_models import model_or_default  # noqa: E402
 from a2ats_sglang.harness.rag import answered_share, facts_answered, paragraphs, rag_prompt  # noqa: E402
 from a2ats_sglang.harness.server import launch_server  # noqa: E402
 
 TOP = 20
+NEAR_TIE = 1.0  # nats: a first token the full prefill barely prefers
 
 
 def generate(url, prompt, n, marks=None, **logprobs) -> dict:
@@ -84,8 +85,9 @@ def main(argv=None):
             meta = full["meta_info"]
             want = [t for _, t, _ in meta["output_token_logprobs"]]
             p = {t: lp for lp, t, _ in meta["output_top_logprobs"][0]}
+            top2 = sorted(p.values(), reverse=True)[:2]
             full_rows.append({"answered": prompt.answer in full["text"], "tokens": meta["prompt_tokens"],
-                              "two_chunk": i % 2 == 1})
+                              "two_chunk": i % 2 == 1, "margin": top2[0] - top2[1]})
             for m, r in variants:
                 reply = generate(srv.url, prompt, args.gen_tokens, prompt.marks(ratio=r, method=m),
                                  token_ids_logprob=list(p))
@@ -109,6 +111,11 @@ def main(argv=None):
         lines.append(f"| {key} | {mean([r['kl'] for r in rs]):.4f} | {statistics.median(r['kl'] for r in rs):.4f} | "
                      f"{mean([r['top1'] for r in rs]):.2f} | {mean([r['seq'] for r in rs]):.2f} | "
                      f"{answered_share(rs, False):.2f} | {answered_share(rs, True):.2f} |")
+    lines += ["", f"Facts the full prefill answers and a method does not, and how many of those the full prefill answers "
+              f"with a first-token margin (its top-1 logprob minus its top-2's) under {NEAR_TIE} nat:", ""]
+    for key, rs in rows.items():
+        lost = [f["margin"] for f, r in zip(full_rows, rs) if f["answered"] and not r["answered"]]
+        lines.append(f"- {key}: {len(lost)} lost, {sum(m < NEAR_TIE for m in lost)} of them near ties")
     write_results(args.out, "fusion_served_fidelity", "\n".join(lines), {"full": full_rows, "methods": rows})
     print(f"[bench] done in {time.time() - t0:.0f}s")
 

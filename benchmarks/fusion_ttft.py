@@ -34,7 +34,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_memory import write_results  # noqa: E402
 
-from a2ats_sglang.harness.default_model import model_or_default  # noqa: E402
+from a2ats_sglang.harness.offline_models import model_or_default  # noqa: E402
 from a2ats_sglang.harness.rag import paragraphs, rag_prompt  # noqa: E402
 from a2ats_sglang.harness.server import launch_server  # noqa: E402
 

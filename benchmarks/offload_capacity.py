@@ -31,7 +31,7 @@ import psutil
 import requests
 from transformers import AutoTokenizer
 
-from a2ats_sglang.harness.default_model import model_or_default
+from a2ats_sglang.harness.offline_models import model_or_default
 from a2ats_sglang.harness.server import launch_server, on_cpu
 from a2ats_sglang.calibration.texts import long_text
 

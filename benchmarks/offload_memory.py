@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from a2ats_sglang.core.codebook import Codebooks, ModelShape, default_codebook_path
-from a2ats_sglang.harness.default_model import build_default_model
+from a2ats_sglang.harness.offline_models import build_default_model
 from a2ats_sglang.offload.host_pool import CODE_BYTES, OffloadSizing
 from a2ats_sglang.kernels.dispatch import Impl, KernelChoice
 

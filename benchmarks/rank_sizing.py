@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 from offload_memory import write_results
 
-from a2ats_sglang.harness.default_model import model_or_default
+from a2ats_sglang.harness.offline_models import model_or_default
 from a2ats_sglang.harness.server import launch_server, on_cpu
 
 # gloo all-reduce on CPU; every rank sizes from the whole machine's memory, so SGLang's per-rank

@@ -60,7 +60,7 @@ class LayerShape:
 def default_model_shape(model_path: str | None) -> LayerShape:
     from transformers import AutoConfig
 
-    from a2ats_sglang.harness.default_model import build_default_model
+    from a2ats_sglang.harness.offline_models import build_default_model
 
     path = model_path or build_default_model()
     s = ModelShape.from_hf_config(AutoConfig.from_pretrained(path))

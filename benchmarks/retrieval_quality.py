@@ -36,7 +36,7 @@ from a2ats_sglang.core import retrieval
 from a2ats_sglang.calibration.calibrate import FitSettings, collect, fit
 from a2ats_sglang.calibration.capture import load_hf_model, run_documents
 from a2ats_sglang.core.codebook import LayerCodebook
-from a2ats_sglang.harness.default_model import build_default_model
+from a2ats_sglang.harness.offline_models import build_default_model
 from a2ats_sglang.calibration.texts import long_text
 
 BUDGETS = (0.01, 0.02, 0.03, 0.05, 0.10)

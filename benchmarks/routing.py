@@ -29,7 +29,7 @@ import requests
 from offload_memory import write_results
 
 from a2ats_sglang.calibration.texts import long_text
-from a2ats_sglang.harness.default_model import model_or_default
+from a2ats_sglang.harness.offline_models import model_or_default
 from a2ats_sglang.harness.server import launch_router, launch_server, on_cpu
 
 POLICIES = ("cache_aware", "round_robin")

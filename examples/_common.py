@@ -20,7 +20,7 @@ def server_url(args, backend: str = "a2ats", url: str | None = None, extra_args=
         with nullcontext():
             yield url.rstrip("/"), None
         return
-    from a2ats_sglang.harness.default_model import model_or_default
+    from a2ats_sglang.harness.offline_models import model_or_default
     from a2ats_sglang.harness.server import launch_server
 
     model = model_or_default(args.model_path)

@@ -19,7 +19,7 @@ from support.serving import SERVER_ARGS
 
 @pytest.fixture(scope="session")
 def default_model_dir():
-    from a2ats_sglang.harness.default_model import build_default_model, ensure_default_codebooks
+    from a2ats_sglang.harness.offline_models import build_default_model, ensure_default_codebooks
 
     path = build_default_model()
     ensure_default_codebooks(path)

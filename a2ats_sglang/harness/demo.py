@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from a2ats_sglang.harness.default_model import model_or_default
+from a2ats_sglang.harness.offline_models import model_or_default
 from a2ats_sglang.harness.server import launch_server
 from a2ats_sglang.calibration.texts import long_text
 
