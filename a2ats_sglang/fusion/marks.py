@@ -9,11 +9,13 @@ Client side (:class:`ChunkMarks`)::
                       "a2ats_recompute_ratio": 0.15,                      # optional, [0, 1]
                       "a2ats_fusion_method": "a3"}                        # optional: a3 | naive | cacheblend
 
-Every chunk must appear in the prompt, in this order and without overlap, as its own tokens
-(the chunk tokenized alone, without special tokens, is a run of the prompt's tokens: separate
-chunks from the text around them by a newline). The prompt's tokens before the first chunk
-are the shared prefix each chunk's KV is computed after; those after the last chunk are the
-question.
+Every chunk must appear in the prompt, in this order and without overlap, as its own tokens:
+the chunk tokenized alone, without special tokens, is a run of the prompt's tokens, up to
+:data:`EDGE_TOKENS` at either end (byte-level BPE merges a chunk's closing punctuation with the
+newlines after it, SentencePiece marks a word that starts a text; those edge tokens are computed
+with the text between chunks). Separate chunks from the text around them by a newline. The
+prompt's tokens before the first chunk are the shared prefix each chunk's KV is computed after;
+those after the last chunk are the question.
 
 Scheduler side (:class:`FusedLayout`): the chunks' token spans, the ratio and method, and which
 pass the request is (the scoring pass that measures what the method ranks the chunk tokens by,
@@ -36,6 +38,7 @@ LAYOUT_KEY = "a2ats_fusion_layout"  # to the scheduler: [score_pass, ratio_ppm, 
 ID_KEY = "a2ats_fusion_id"  # to the scheduler: pairs a scoring pass with its final request
 SERVED_METHODS = (A3.name, Naive.name, CacheBlend.name)  # their order is the layout's method index
 SCORED_METHODS = (A3.name, CacheBlend.name)  # a ratio strictly between 0 and 1 needs a scoring pass first
+EDGE_TOKENS = 2  # a chunk's tokens at either end that may tokenize differently inside the prompt
 EXTRA_KEY_TAG = "\x1fa2ats-fusion"  # radix namespace of fused KV: approximate, never served to a plain request
 
 
@@ -90,28 +93,36 @@ class ChunkMarks:
 
 def locate_chunks(prompt: Sequence[int], chunks: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     """[start, end) of each chunk's tokens in ``prompt``, searched in order, each after the
-    previous one; raises :class:`FusionMarkError` for a chunk not found, or with no question
-    after the last."""
+    previous one: the whole chunk where it is there, else the longest run of it without up to
+    :data:`EDGE_TOKENS` at each end (chunks of more than 4 x that many tokens; among equally
+    long runs, the one kept whole at the start first); raises :class:`FusionMarkError` for a chunk not found, or with no
+    question after the last."""
     spans, at = [], 0
     for i, ids in enumerate(chunks):
         n = len(ids)
         if n == 0:
             raise FusionMarkError(f"custom_params.{CHUNKS_KEY}[{i}] has no tokens")
-        first = ids[0]
-        found = -1
-        for s in range(at, len(prompt) - n + 1):
-            if prompt[s] == first and list(prompt[s:s + n]) == list(ids):
-                found = s
-                break
-        if found < 0:
+        edge = EDGE_TOKENS if n > 4 * EDGE_TOKENS else 0
+        trims = sorted(((a, b) for a in range(edge + 1) for b in range(edge + 1)), key=sum)
+        found = next((span for a, b in trims if (span := _find(prompt, list(ids[a:n - b]), at)) is not None), None)
+        if found is None:
             raise FusionMarkError(
                 f"custom_params.{CHUNKS_KEY}[{i}] is not in the prompt as its own tokens after the previous chunk "
                 f"(chunks must appear in order, each tokenizing as it does alone: separate them by newlines)")
-        spans.append((found, found + n))
-        at = found + n
+        spans.append(found)
+        at = found[1]
     if at >= len(prompt):
         raise FusionMarkError("the prompt has no question after its last chunk")
     return spans
+
+
+def _find(prompt: Sequence[int], run: list[int], at: int) -> tuple[int, int] | None:
+    """[start, end) of the first occurrence of ``run`` in ``prompt`` from ``at``, else None."""
+    n = len(run)
+    for s in range(at, len(prompt) - n + 1):
+        if prompt[s] == run[0] and list(prompt[s:s + n]) == run:
+            return s, s + n
+    return None
 
 
 @dataclass(frozen=True)

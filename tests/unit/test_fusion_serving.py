@@ -270,3 +270,40 @@ def test_backend_refuses_fusion_where_it_cannot_serve():
         check_servable(ModelAttention(plain, {1: "sliding window of 512"}))
     with pytest.raises(ValueError, match="soft-capping"):
         check_servable(ModelAttention({**plain, 2: SimpleNamespace(logit_cap=30.0)}, {}))
+
+
+def test_chunk_edges_that_tokenize_differently_inside_the_prompt_are_left_to_compute():
+    prompt = [1, 2, 10, 11, 12, 13, 14, 15, 16, 17, 99, 3, 20, 21, 22, 23, 24, 25, 26, 27, 28, 4, 5]
+    first = [10, 11, 12, 13, 14, 15, 16, 17, 18]  # its last token merged with the separator (99)
+    second = [30, 20, 21, 22, 23, 24, 25, 26, 27, 31]  # its first and last differ inside the prompt
+    assert locate_chunks(prompt, [first, second]) == [(2, 10), (12, 20)]
+    assert locate_chunks(prompt, [first[:-1], second[1:-1]]) == [(2, 10), (12, 20)]  # whole where it is whole
+    with pytest.raises(FusionMarkError, match=r"a2ats_chunks\[0\] is not in the prompt"):
+        locate_chunks(prompt, [[10, 11, 12, 18]])  # a short chunk must be there whole
+    with pytest.raises(FusionMarkError, match=r"a2ats_chunks\[0\] is not in the prompt"):
+        locate_chunks(prompt, [[40, 41, 42] + first[:-1]])  # more than EDGE_TOKENS differ
+
+
+def test_a_byte_level_bpe_that_merges_punctuation_with_newlines_still_finds_each_chunk():
+    """Llama-3's and Qwen2's pre-tokenizer keeps a chunk's closing period together with the
+    blank line after it, so a chunk tokenized alone ends with another token than inside the
+    prompt (a real BPE, trained here on text with such separators)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+             r"\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    docs = ["The river floods in spring. Farmers plant rice on its banks.",
+            "A small town grew around the old mill. Its people trade wool and salt."]
+    tok.train_from_iterator([("\n\n".join(docs) + ".\n\n") * 20], trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    enc = lambda s: tok.encode(s).ids  # noqa: E731
+    prompt = enc("Answer from the documents.\n\n" + "\n\n".join(docs) + "\n\nQuestion: where is the mill?")
+    chunks = [enc(d) for d in docs]
+    assert any(prompt[i:i + len(c)] == c for c in chunks for i in range(len(prompt))) is False  # none is there whole
+    spans = locate_chunks(prompt, chunks)
+    for (s, e), c in zip(spans, chunks):
+        assert prompt[s:e] == c[:e - s] and e - s == len(c) - 1  # all but the period merged with the newlines
