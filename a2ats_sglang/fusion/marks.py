@@ -95,8 +95,8 @@ def locate_chunks(prompt: Sequence[int], chunks: Sequence[Sequence[int]]) -> lis
     """[start, end) of each chunk's tokens in ``prompt``, searched in order, each after the
     previous one: the whole chunk where it is there, else the longest run of it without up to
     :data:`EDGE_TOKENS` at each end (chunks of more than 4 x that many tokens; among equally
-    long runs, the one kept whole at the start first); raises :class:`FusionMarkError` for a chunk not found, or with no
-    question after the last."""
+    long runs, the one kept whole at the start first); raises :class:`FusionMarkError` for a
+    chunk not found, or with no question after the last."""
     spans, at = [], 0
     for i, ids in enumerate(chunks):
         n = len(ids)

