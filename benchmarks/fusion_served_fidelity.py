@@ -4,7 +4,7 @@ retrieval-augmented prompts with a planted fact, in one server (``--attention-ba
 --a2ats-chunk-fusion``).
 
     python benchmarks/fusion_served_fidelity.py [--prompts 100] [--chunks 8] [--ratios 0.05 0.15 0.3]
-        [--methods a3 cacheblend]
+        [--methods a3 cacheblend] [--probes asked space-given]
 
 Each prompt: the instruction, ``--chunks`` passages of 256-512 tokens drawn in random order
 from a pool of 32 (one with a planted code, or on odd prompts a fact split over two), the
@@ -15,7 +15,7 @@ of the vocabulary lumped into one outcome (a lower bound of the full-vocabulary 
 outcomes never increases it), first token and first ``--gen-tokens`` greedy tokens equal to
 the full prefill's, planted facts answered.
 
-Every prompt is asked twice, as asked and with the answer's first token (the space before the
+Every prompt is asked twice (``--probes``), as asked and with the answer's first token (the space before the
 code) given at the end of the question. On a small model the first of these is a choice among
 near-equal openings (" ", " the", " not", ...: the full prefill's top-1 often under 0.1), so
 whether a fact counts as answered turns on a near tie unrelated to the fact; with the space
@@ -65,6 +65,12 @@ def lumped_kl(p: dict[int, float], q: dict[int, float]) -> float:
     p_rest = max(1e-12, 1 - sum(math.exp(lp) for lp in p.values()))
     q_rest = max(1e-12, 1 - sum(math.exp(q[t]) for t in p))
     return kl + p_rest * math.log(p_rest / q_rest)
+
+
+PROBES = {"asked": lambda p: p, "space-given": lambda p: replace(p, question=p.question + ANSWER_SPACE)}
+PROBE_TITLES = {"asked": "as asked (the question's lead ends before the answer)",
+                "space-given": f"the answer's first token ({ANSWER_SPACE!r}) given (the first token generated is "
+                               "the code's first digit)"}
 
 
 def space_is_own_token(tokenizer, prompt: RagPrompt) -> bool:
@@ -136,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.15, 0.3])
     ap.add_argument("--methods", nargs="+", default=["a3", "cacheblend"], choices=["a3", "cacheblend"],
                     help="selections compared at every ratio (naive concatenation always runs)")
+    ap.add_argument("--probes", nargs="+", default=list(PROBES), choices=list(PROBES),
+                    help="asked: the prompt as it is; space-given: with the answer's first token given")
     ap.add_argument("--gen-tokens", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)
@@ -145,17 +153,16 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(model)
     pool = paragraphs(tokenizer, 32, 256, 512)
     variants = [("naive", 0.0)] + [(m, r) for r in args.ratios for m in args.methods]
-    probes = {"as asked": lambda p: p,
-              "the answer's space given": lambda p: replace(p, question=p.question + ANSWER_SPACE)}
+    probes = {name: PROBES[name] for name in args.probes}
     results = {name: {"full": [], "methods": {f"{m}@{r:g}": [] for m, r in variants}} for name in probes}
     t0 = time.time()
     server = ["--max-total-tokens", "60000", "--max-running-requests", "4", "--a2ats-chunk-fusion"]
     with launch_server(model, "a2ats", server, timeout=600) as srv:
         for i in range(args.prompts):
             prompt = rag_prompt(pool, args.chunks, i)
-            if not space_is_own_token(tokenizer, prompt):
+            if "space-given" in probes and not space_is_own_token(tokenizer, prompt):
                 raise SystemExit(f"the tokenizer of {model} does not open the answer with {ANSWER_SPACE!r} as its "
-                                 "own token: the second probe needs that")
+                                 "own token: run with --probes asked")
             for name, make in probes.items():
                 full_row, rows = probe(srv.url, make(prompt), variants, args.gen_tokens, i % 2 == 1)
                 results[name]["full"].append(full_row)
@@ -163,14 +170,13 @@ def main(argv=None):
                     results[name]["methods"][key].append(row)
             if (i + 1) % 10 == 0:
                 print(f"[bench] {i + 1}/{args.prompts} prompts, {time.time() - t0:.0f}s", flush=True)
-    full_rows = results["as asked"]["full"]
+    full_rows = next(iter(results.values()))["full"]
     lines = [f"Model `{Path(model).name}` served by a2ats with `--a2ats-chunk-fusion`; {args.prompts} prompts of "
              f"{args.chunks} passages of 256-512 tokens from a pool of 32 (median prompt "
              f"{statistics.median(r['tokens'] for r in full_rows)} tokens); {platform.machine()}, {date.today()}. "
-             f"Each prompt asked twice: as asked (the question's lead ends before the answer) and with the answer's "
-             f"first token ({ANSWER_SPACE!r}) given, so the first token generated is the code's first digit.", ""]
+             f"Probes: {', '.join(PROBE_TITLES[name] for name in probes)}.", ""]
     for name, res in results.items():
-        lines += table(f"Probe: {name}", res["full"], res["methods"], args.gen_tokens)
+        lines += table(f"Probe: {PROBE_TITLES[name]}", res["full"], res["methods"], args.gen_tokens)
     write_results(args.out, "fusion_served_fidelity", "\n".join(lines), results)
     print(f"[bench] done in {time.time() - t0:.0f}s")
 
